@@ -1,0 +1,227 @@
+"""What gradq quantizes and how: frozen dataclasses, built from `torch.compile` options.
+
+Notation (see method.md): a linear layer Y = X W^T has three GEMMs,
+forward Y = X W^T (contracts K), dgrad dX = dY W (contracts N), wgrad dW = dY^T X (contracts M).
+
+A scale can be factored out of an integer GEMM only if it is constant along the contracted
+dimension. gradq therefore quantizes each operand *for each GEMM it feeds*, along that GEMM's
+kept (non-contracted) dimension: `per_row` means one scale per row of the left operand and one
+per column of the right operand. X gets per-token scales in forward and per-input-channel
+scales in wgrad; W per-output-channel scales in forward and per-input-channel scales in dgrad.
+Every granularity is thus valid for every contraction, and the defaults can be the accurate
+ones: `per_row` everywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Mapping
+from typing import Any
+
+
+class Granularity(enum.Enum):
+    PER_TENSOR = "per_tensor"
+    PER_ROW = "per_row"
+
+
+class Rounding(enum.Enum):
+    NEAREST = "nearest"
+    STOCHASTIC = "stochastic"
+
+
+class Clipping(enum.Enum):
+    """How the clipping value (the largest representable magnitude) is chosen."""
+
+    MINMAX = "minmax"  # absmax of the slice
+    IQR = "iqr"  # fence Q3 + k*IQR of |x|, k picked for the best cosine (method.md item 1)
+
+
+class Attention(enum.Enum):
+    FLOAT = "float"  # timm's attention (fused SDPA or explicit matmuls) stays in float
+    INT8 = "int8"  # QK^T and PV quantized too; softmax stays in float
+
+
+class Role(enum.Enum):
+    FORWARD = "forward"
+    DGRAD = "dgrad"  # gradient of an activation (for attention: of either operand)
+    WGRAD = "wgrad"  # gradient of a weight
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+    """How one GEMM operand is quantized: symmetric, integers in [-qmax, qmax].
+
+    qmax = 2^(bits-1) - 1 (127 at 8 bits); -128 is never used, so negation is exact.
+    """
+
+    bits: int = 8
+    granularity: Granularity = Granularity.PER_ROW
+    rounding: Rounding = Rounding.NEAREST
+    clipping: Clipping = Clipping.MINMAX
+
+    def __post_init__(self):
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise ValueError(f"bits must be an integer from 2 to 8, got {self.bits!r}")
+        for name, kind in (
+            ("granularity", Granularity),
+            ("rounding", Rounding),
+            ("clipping", Clipping),
+        ):
+            if not isinstance(getattr(self, name), kind):
+                raise ValueError(f"{name} must be a {kind.__name__}, got {getattr(self, name)!r}")
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1
+
+    def encode(self) -> str:
+        """A short string that travels as a custom-op argument, e.g. '8:per_row:nearest:minmax'."""
+        return ":".join(
+            (str(self.bits), self.granularity.value, self.rounding.value, self.clipping.value)
+        )
+
+    @classmethod
+    def decode(cls, text: str) -> QuantSpec:
+        bits, granularity, rounding, clipping = text.split(":")
+        return cls(int(bits), Granularity(granularity), Rounding(rounding), Clipping(clipping))
+
+
+@dataclasses.dataclass(frozen=True)
+class GradQConfig:
+    """Everything gradq's rewrite needs to know. All fields have defaults that just work.
+
+    Defaults, and why:
+    - weight, activation: 8 bits, `per_row`, round to nearest, absmax clipping. Per-row scales
+      follow the GEMM's kept dimension (module docstring), so they are valid in all three GEMMs
+      and track per-token and per-channel ranges, which differ by orders of magnitude in ViTs.
+    - gradient: 8 bits, `per_row`, round to nearest (GradQ-ViT uses deterministic rounding;
+      stochastic is offered as the known baseline), `iqr` clipping: ViT gradients are heavy
+      tailed and an absmax scale spends most levels on a few outliers.
+    - all three GEMMs quantized; attention kept in float (timm's fused SDPA unchanged);
+      every Linear included (`include=("*",)`, `exclude=()`).
+    """
+
+    weight: QuantSpec = QuantSpec()
+    activation: QuantSpec = QuantSpec()
+    gradient: QuantSpec = QuantSpec(clipping=Clipping.IQR)
+    forward: bool = True
+    dgrad: bool = True
+    wgrad: bool = True
+    attention: Attention = Attention.FLOAT
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        for name in ("weight", "activation", "gradient"):
+            if not isinstance(getattr(self, name), QuantSpec):
+                raise ValueError(f"{name} must be a QuantSpec, got {getattr(self, name)!r}")
+        for name in ("forward", "dgrad", "wgrad"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if not isinstance(self.attention, Attention):
+            raise ValueError(f"attention must be an Attention, got {self.attention!r}")
+        for name in ("include", "exclude"):
+            value = getattr(self, name)
+            if not isinstance(value, tuple) or not all(isinstance(p, str) for p in value):
+                raise ValueError(f"{name} must be a tuple of glob strings, got {value!r}")
+
+    def quantizes(self, role: Role) -> bool:
+        return {Role.FORWARD: self.forward, Role.DGRAD: self.dgrad, Role.WGRAD: self.wgrad}[role]
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | None) -> GradQConfig:
+        """Build a config from `torch.compile(..., options={...})`; see `OPTIONS` for the keys."""
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(OPTIONS))
+        if unknown:
+            raise ValueError(
+                f"unknown gradq option(s) {unknown}; valid options: {', '.join(sorted(OPTIONS))}"
+            )
+        config = cls()
+        for key, value in options.items():
+            config = OPTIONS[key](config, key, value)
+        return config
+
+    def to_options(self) -> dict[str, Any]:
+        """The inverse of `from_options` (a plain, JSON-serialisable dict)."""
+        out: dict[str, Any] = {}
+        for operand in ("weight", "activation", "gradient"):
+            spec = getattr(self, operand)
+            out[f"{operand}_bits"] = spec.bits
+            out[f"{operand}_granularity"] = spec.granularity.value
+            out[f"{operand}_rounding"] = spec.rounding.value
+            out[f"{operand}_clipping"] = spec.clipping.value
+        out.update(forward=self.forward, dgrad=self.dgrad, wgrad=self.wgrad)
+        out.update(attention=self.attention.value, include=list(self.include))
+        out["exclude"] = list(self.exclude)
+        return out
+
+
+def _choice(kind: type[enum.Enum], key: str, value: Any) -> enum.Enum:
+    if isinstance(value, kind):
+        return value
+    valid = [member.value for member in kind]
+    if value not in valid:
+        raise ValueError(f"option {key!r} must be one of {valid}, got {value!r}")
+    return kind(value)
+
+
+def _set_spec_field(operand: str, field: str, kind: type[enum.Enum] | None):
+    def apply(config: GradQConfig, key: str, value: Any) -> GradQConfig:
+        if kind is None:  # bits
+            if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 8:
+                raise ValueError(f"option {key!r} must be an integer from 2 to 8, got {value!r}")
+        else:
+            value = _choice(kind, key, value)
+        spec = dataclasses.replace(getattr(config, operand), **{field: value})
+        return dataclasses.replace(config, **{operand: spec})
+
+    return apply
+
+
+def _set_bool(config: GradQConfig, key: str, value: Any) -> GradQConfig:
+    if not isinstance(value, bool):
+        raise ValueError(f"option {key!r} must be True or False, got {value!r}")
+    return dataclasses.replace(config, **{key: value})
+
+
+def _set_globs(config: GradQConfig, key: str, value: Any) -> GradQConfig:
+    if isinstance(value, str):
+        value = (value,)
+    if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value):
+        raise ValueError(f"option {key!r} must be a glob string or a list of them, got {value!r}")
+    return dataclasses.replace(config, **{key: tuple(value)})
+
+
+def _set_attention(config: GradQConfig, key: str, value: Any) -> GradQConfig:
+    return dataclasses.replace(config, attention=_choice(Attention, key, value))
+
+
+def _set_gradient_quantizer(config: GradQConfig, key: str, value: Any) -> GradQConfig:
+    clipping = _choice(Clipping, key, value)
+    return dataclasses.replace(
+        config, gradient=dataclasses.replace(config.gradient, clipping=clipping)
+    )
+
+
+OPTIONS = {
+    **{
+        f"{operand}_{field}": _set_spec_field(operand, field, kind)
+        for operand in ("weight", "activation", "gradient")
+        for field, kind in (
+            ("bits", None),
+            ("granularity", Granularity),
+            ("rounding", Rounding),
+            ("clipping", Clipping),
+        )
+    },
+    # The name the GradQ-ViT papers use for the gradient's clipping rule.
+    "gradient_quantizer": _set_gradient_quantizer,
+    "forward": _set_bool,
+    "dgrad": _set_bool,
+    "wgrad": _set_bool,
+    "attention": _set_attention,
+    "include": _set_globs,
+    "exclude": _set_globs,
+}

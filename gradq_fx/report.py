@@ -1,0 +1,351 @@
+"""What gradq rewrote in a model, read off the graphs AOTAutograd derives.
+
+`report(model, example_inputs, config)` captures the model with Dynamo, applies gradq's
+rewrite, and asks AOTAutograd for the joint forward+backward graph (the forward graph alone
+for inference), without compiling anything. It then lists:
+- one row per gradq GEMM (graph fwd/bwd, role, module, operand shapes and specs, lowering);
+- every other matmul-like op (any op torch's FLOP counter counts) with the reason it stayed
+  in float, its role worked out from the graph;
+- the GEMM FLOPs in INT8 per role against the total.
+Graph questions (what depends on a gradient, what reaches a weight's gradient) are answered
+with networkx on the FX graph.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import networkx as nx
+import torch
+from tabulate import tabulate
+from torch import fx
+from torch.utils.flop_counter import flop_registry
+
+from gradq_fx.backend import prepare, to_config
+from gradq_fx.config import GradQConfig, QuantSpec, Role
+from gradq_fx.passes.annotate import Decision, module_path
+from gradq_fx.passes.lower import lowering_of
+
+aten = torch.ops.aten
+
+# CPU attention kernels share the signatures of the flash ones the FLOP counter knows.
+_FLOP_ALIASES = {
+    aten._scaled_dot_product_flash_attention_for_cpu: aten._scaled_dot_product_flash_attention,
+    aten._scaled_dot_product_flash_attention_for_cpu_backward: (
+        aten._scaled_dot_product_flash_attention_backward
+    ),
+}
+# Layout and dtype changes: a backward GEMM whose result reaches a weight's gradient through
+# these alone is a wgrad. (Not add or sum: the residual stream's gradient reaches the
+# positional embedding's gradient through them, which does not make every dgrad a wgrad.)
+_PASSTHROUGH = {
+    aten.t, aten.transpose, aten.permute, aten.view, aten._unsafe_view, aten.reshape,
+    aten.clone, aten.contiguous, aten.expand, aten.squeeze, aten.unsqueeze, aten.alias,
+    aten._to_copy, torch.ops.prims.convert_element_type,
+}  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmRow:
+    graph: str  # "fwd" or "bwd"
+    role: str
+    module: str
+    a_shape: tuple[int, ...]
+    b_shape: tuple[int, ...]
+    a_spec: str
+    b_spec: str
+    lowering: str
+    flops: int
+    graph_role: str  # the role the graph's structure implies; equals `role` when labels are right
+
+
+@dataclasses.dataclass(frozen=True)
+class FloatOp:
+    graph: str
+    role: str
+    op: str
+    module: str
+    flops: int
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    config: GradQConfig
+    training: bool
+    gemms: tuple[GemmRow, ...]
+    float_ops: tuple[FloatOp, ...]
+
+    @property
+    def int8_gemms(self) -> tuple[GemmRow, ...]:
+        return tuple(row for row in self.gemms if row.a_spec and row.b_spec)
+
+    def coverage(self) -> dict[str, dict[str, float]]:
+        """Per role and in total: GEMM FLOPs in INT8, all matmul-like FLOPs, and their ratio."""
+        roles = [role.value for role in Role]
+        int8 = dict.fromkeys(roles, 0)
+        total = dict.fromkeys(roles, 0)
+        for row in self.int8_gemms:
+            int8[row.role] += row.flops
+            total[row.role] += row.flops
+        for op in self.float_ops:  # includes gradq GEMMs whose role the config keeps float
+            total[op.role] += op.flops
+        int8["total"], total["total"] = sum(int8.values()), sum(total.values())
+        return {
+            key: {
+                "int8_flops": int8[key],
+                "flops": total[key],
+                "ratio": _ratio(int8[key], total[key]),
+            }
+            for key in total
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config.to_options(),
+            "training": self.training,
+            "gemms": [dataclasses.asdict(row) for row in self.gemms],
+            "float_ops": [dataclasses.asdict(op) for op in self.float_ops],
+            "coverage": self.coverage(),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def to_text(self) -> str:
+        gemm_rows = [
+            (
+                row.graph,
+                row.role,
+                row.module,
+                "x".join(map(str, row.a_shape)),
+                "x".join(map(str, row.b_shape)),
+                _spec_text(row.a_spec),
+                _spec_text(row.b_spec),
+                row.lowering,
+            )
+            for row in self.gemms
+        ]
+        header = ("graph", "role", "module", "A", "B", "A spec", "B spec", "lowering")
+        parts = [f"gradq GEMMs ({len(self.int8_gemms)} in INT8 of {len(self.gemms)} rewritten)"]
+        parts.append(tabulate(gemm_rows, headers=header, tablefmt="simple"))
+        summary = [
+            (key, f"{c['int8_flops'] / 1e6:,.2f}", f"{c['flops'] / 1e6:,.2f}", f"{c['ratio']:.1%}")
+            for key, c in self.coverage().items()
+        ]
+        parts.append("\nGEMM FLOPs covered by INT8")
+        parts.append(tabulate(summary, headers=("role", "INT8 MFLOP", "all MFLOP", "covered")))
+        if self.float_ops:
+            float_rows = [
+                (op.graph, op.role, op.op, op.module, f"{op.flops / 1e6:,.2f}", op.reason)
+                for op in self.float_ops
+            ]
+            parts.append(f"\nMatmul-like ops left in float ({len(self.float_ops)})")
+            parts.append(
+                tabulate(float_rows, headers=("graph", "role", "op", "module", "MFLOP", "reason"))
+            )
+        return "\n".join(parts)
+
+    def __str__(self) -> str:
+        return self.to_text()
+
+
+def _ratio(part: int, whole: int) -> float:
+    return part / whole if whole else math.nan
+
+
+def _spec_text(spec: str) -> str:
+    if not spec:
+        return "float"
+    s = QuantSpec.decode(spec)
+    return f"int{s.bits} {s.granularity.value} {s.rounding.value} {s.clipping.value}"
+
+
+# --- capture -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Captured:
+    graph: fx.GraphModule
+    is_parameter: list[bool]  # per primal
+    num_forward_outputs: int | None  # None for an inference graph
+    decisions: list[Decision]
+
+
+def _capture(model, example_inputs: Sequence[Any], config: GradQConfig, training: bool):
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from torch._functorch.partitioners import default_partition
+    from torch._inductor.decomposition import select_decomp_table
+
+    captured: list[_Captured] = []
+
+    def backend(gm: fx.GraphModule, inputs):
+        decisions = prepare(gm, config)
+        is_parameter = [isinstance(i, torch.nn.Parameter) for i in inputs]
+
+        def partition(joint, joint_inputs, *, num_fwd_outputs, **kwargs):
+            captured.append(_Captured(joint, is_parameter, num_fwd_outputs, decisions))
+            return default_partition(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs)
+
+        def inference(graph, _inputs):
+            captured.append(_Captured(graph, is_parameter, None, decisions))
+            return graph.forward
+
+        return aot_module_simplified(
+            gm,
+            inputs,
+            fw_compiler=lambda graph, _inputs: graph.forward,
+            bw_compiler=lambda graph, _inputs: graph.forward,
+            inference_compiler=inference,
+            partition_fn=partition,
+            decompositions=select_decomp_table(),
+        )
+
+    compiled = torch.compile(model, backend=backend)
+    with torch.set_grad_enabled(training):
+        compiled(*example_inputs)
+    return captured
+
+
+# --- analysis ------------------------------------------------------------------------------
+
+
+def _shape(node) -> tuple[int, ...]:
+    return tuple(int(s) for s in node.meta["val"].shape)
+
+
+def _flops(node: fx.Node, output_mask: list[bool] | None = None) -> int:
+    if node.target is torch.ops.gradq.mm.default:
+        a, b = node.args[0].meta["val"], node.args[1].meta["val"]
+        return 2 * math.prod(int(s) for s in a.shape) * int(b.shape[-1])
+    packet = _FLOP_ALIASES.get(node.target.overloadpacket, node.target.overloadpacket)
+    args, kwargs = torch.utils._pytree.tree_map_only(
+        fx.Node, lambda n: n.meta["val"], (node.args, node.kwargs)
+    )
+    if output_mask is not None:  # convolution_backward: count only the masked-in outputs
+        args = (*args[:-1], output_mask)
+    return int(flop_registry[packet](*args, out_val=node.meta["val"], **kwargs))
+
+
+def _is_matmul_like(node: fx.Node) -> bool:
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return False
+    if node.target is torch.ops.gradq.mm.default:
+        return True
+    packet = _FLOP_ALIASES.get(node.target.overloadpacket, node.target.overloadpacket)
+    return packet in flop_registry
+
+
+class _GraphFacts:
+    """Answers, from the joint graph's structure, where a node sits and what its result feeds."""
+
+    def __init__(self, captured: _Captured):
+        graph = captured.graph.graph
+        self.digraph = nx.DiGraph()
+        for node in graph.nodes:
+            self.digraph.add_node(node)
+            for user in node.users:
+                self.digraph.add_edge(node, user)
+        tangents = [n for n in graph.nodes if n.op == "placeholder" and "tangents" in n.name]
+        self.backward = set().union(*(nx.descendants(self.digraph, t) for t in tangents))
+        self.weight_grads: set[fx.Node] = set()
+        if captured.num_forward_outputs is not None:
+            primals = [n for n in graph.nodes if n.op == "placeholder" and "primals" in n.name]
+            outputs = graph.output_node().args[0][captured.num_forward_outputs :]
+            is_parameter = captured.is_parameter
+            if len(is_parameter) == len(primals) == len(outputs):
+                self.weight_grads = {
+                    out for out, param in zip(outputs, is_parameter, strict=True)
+                    if param and isinstance(out, fx.Node)
+                }  # fmt: skip
+        # Nodes whose value reaches a weight's gradient through pass-through ops alone.
+        # Nodes whose value *is* a weight's gradient up to layout and dtype changes.
+        passthrough = self.digraph.subgraph(
+            n
+            for n in self.digraph.nodes
+            if getattr(getattr(n, "target", None), "overloadpacket", None) in _PASSTHROUGH
+        )
+        self.feeds_weight_grad = set()
+        for out in self.weight_grads & set(passthrough.nodes):
+            self.feeds_weight_grad |= {out} | nx.ancestors(passthrough, out)
+
+    def graph_of(self, node: fx.Node) -> str:
+        return "bwd" if node in self.backward else "fwd"
+
+    def roles_of(self, node: fx.Node) -> list[tuple[str, int]]:
+        """(role, FLOPs) of a float op, the role from the graph alone (not gradq's labels)."""
+        if node not in self.backward:
+            return [(Role.FORWARD.value, _flops(node))]
+        if node.target is aten.convolution_backward.default:
+            # One op, two GEMM-like products: split it by its output mask.
+            wants_input_grad, wants_weight_grad, _ = node.args[-1]
+            roles = []
+            if wants_input_grad:
+                roles.append((Role.DGRAD.value, _flops(node, [True, False, False])))
+            if wants_weight_grad:
+                roles.append((Role.WGRAD.value, _flops(node, [False, True, False])))
+            return roles
+        feeds = node in self.weight_grads or any(u in self.feeds_weight_grad for u in node.users)
+        return [(Role.WGRAD.value if feeds else Role.DGRAD.value, _flops(node))]
+
+
+def _float_reason(module: str, op: str, decisions: list[Decision]) -> str:
+    for decision in decisions:
+        if not decision.quantize and decision.module == module:
+            return decision.reason
+    for decision in decisions:
+        if not decision.quantize and module.startswith(decision.module + "."):
+            return decision.reason
+    return f"{op}: not produced by a matmul gradq rewrites"
+
+
+def analyse(captured: list[_Captured], config: GradQConfig, training: bool) -> Report:
+    gemms, float_ops = [], []
+    for item in captured:
+        facts = _GraphFacts(item)
+        for node in item.graph.graph.nodes:
+            if not _is_matmul_like(node):
+                continue
+            graph = facts.graph_of(node)
+            if node.target is torch.ops.gradq.mm.default:
+                a, b, _bias, a_spec, b_spec, role, module = node.args
+                row = GemmRow(
+                    graph, role, module, _shape(a), _shape(b), a_spec, b_spec,
+                    lowering_of(a_spec, b_spec), _flops(node), facts.roles_of(node)[0][0],
+                )  # fmt: skip
+                gemms.append(row)
+                if not (a_spec and b_spec):
+                    reason = f"{role} disabled by config ({role}=False)"
+                    float_ops.append(FloatOp(graph, role, "gradq.mm", module, row.flops, reason))
+                continue
+            module = module_path(node)
+            op = str(node.target.overloadpacket).removeprefix("aten.")
+            reason = _float_reason(module, op, item.decisions)
+            for role, flops in facts.roles_of(node):
+                float_ops.append(FloatOp(graph, role, op, module, flops, reason))
+    return Report(config, training, tuple(gemms), tuple(float_ops))
+
+
+def report(
+    model: torch.nn.Module,
+    example_inputs: Sequence[Any] | torch.Tensor,
+    config: GradQConfig | Mapping[str, Any] | None = None,
+    training: bool | None = None,
+) -> Report:
+    """The report of what gradq does to `model` on `example_inputs`.
+
+    training: analyse the training step (forward and backward); defaults to `model.training`.
+    Inference (training=False) quantizes and reports the forward GEMMs only.
+    """
+    config = to_config(config)
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    training = model.training if training is None else training
+    captured = _capture(model, example_inputs, config, training)
+    if not captured:
+        raise ValueError("report: Dynamo captured no graph from the model")
+    return analyse(captured, config, training)

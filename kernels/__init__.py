@@ -1,0 +1,1 @@
+"""gradq's GEMM kernels. Each file holds one kernel family, its launcher and its CPU path."""

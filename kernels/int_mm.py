@@ -1,0 +1,51 @@
+"""Exact int8 x int8 -> int32 GEMM, the integer core of every quantized GEMM.
+
+- 2-D operands: `torch._int_mm`. cuBLAS refuses M <= 16 and K or N not a multiple of 8, so on
+  CUDA the operands are zero-padded up to the nearest legal shape and the result is sliced
+  back. Zeros add nothing to a dot product, so the padding is exact.
+- Batched operands (attention's QK^T and PV): PyTorch has no batched int8 GEMM. The integer
+  products are accumulated in float64 instead, which is exact while K * 127^2 < 2^53 (any K
+  below 5 * 10^11), and then converted to int32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# cuBLAS int8 GEMM limits (torch._int_mm on CUDA).
+CUBLAS_MIN_ROWS = 17
+CUBLAS_MULTIPLE = 8
+
+
+def _round_up(value, multiple: int):
+    return value + (-value) % multiple
+
+
+def cublas_padding(m, k, n) -> tuple:
+    """Padded (M, K, N) that cuBLAS's int8 GEMM accepts, for the given sizes."""
+    padded_m = _round_up(m if m >= CUBLAS_MIN_ROWS else CUBLAS_MIN_ROWS, CUBLAS_MULTIPLE)
+    return padded_m, _round_up(k, CUBLAS_MULTIPLE), _round_up(n, CUBLAS_MULTIPLE)
+
+
+def padded_int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`torch._int_mm` on operands zero-padded to a cuBLAS-legal shape, sliced back."""
+    m, k = a.shape
+    n = b.shape[1]
+    pm, pk, pn = cublas_padding(m, k, n)
+    a = torch.nn.functional.pad(a, (0, pk - k, 0, pm - m))
+    # cuBLAS wants the second operand column-major.
+    b = torch.nn.functional.pad(b, (0, pn - n, 0, pk - k)).t().contiguous().t()
+    return torch._int_mm(a, b)[:m, :n]
+
+
+def int8_gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for int8 a [..., M, K] and b [..., K, N], exact, as int32 [..., M, N]."""
+    if a.dtype != torch.int8 or b.dtype != torch.int8:
+        raise ValueError(f"int8_gemm takes int8 operands, got {a.dtype} and {b.dtype}")
+    if a.shape[-1] != b.shape[-2]:
+        raise ValueError(f"int8_gemm: inner sizes differ, a {tuple(a.shape)} b {tuple(b.shape)}")
+    if a.dim() == 2 and b.dim() == 2:
+        if a.is_cuda:
+            return padded_int_mm(a, b)
+        return torch._int_mm(a, b)
+    return torch.matmul(a.double(), b.double()).to(torch.int32)

@@ -1,0 +1,1 @@
+"""gradq's graph passes: annotate (policy), rewrite (Dynamo graph), lower (joint graph)."""

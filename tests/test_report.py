@@ -1,0 +1,139 @@
+"""The report: every Linear's three GEMMs in INT8 with the right role, read from the real graphs.
+
+Counts are checked against the model's own modules (named_modules), not against numbers
+copied from a run, and each gradq GEMM's declared role against the role the joint graph's
+structure implies (networkx analysis, independent of the rewrite's labels).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+
+import pytest
+import torch
+
+from gradq_fx.cli import main
+from gradq_fx.report import report
+from tests.conftest import tiny_model
+
+
+def linear_paths(model: torch.nn.Module) -> set[str]:
+    return {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def int8_roles_by_module(result) -> dict[str, collections.Counter]:
+    roles = collections.defaultdict(collections.Counter)
+    for row in result.int8_gemms:
+        roles[row.module][row.role] += 1
+    return roles
+
+
+CASES = [
+    ("deit_tiny_patch16_224", True),
+    ("deit_tiny_patch16_224", False),
+    ("swin_tiny_patch4_window7_224", True),
+    ("mobilevit_xxs", True),
+]
+
+
+@pytest.mark.parametrize(("name", "fused_attn"), CASES)
+def test_every_linear_has_one_int8_gemm_per_role(name, fused_attn):
+    model, size = tiny_model(name, fused_attn=fused_attn)
+    result = report(model, torch.randn(2, 3, size, size))
+
+    roles = int8_roles_by_module(result)
+    assert set(roles) == linear_paths(model)
+    expected = collections.Counter(forward=1, dgrad=1, wgrad=1)
+    assert all(counter == expected for counter in roles.values()), roles
+    for row in result.gemms:
+        assert row.role == row.graph_role, row
+        assert row.graph == ("fwd" if row.role == "forward" else "bwd"), row
+
+
+@pytest.mark.parametrize(("name", "fused_attn"), CASES)
+def test_int8_attention_quantizes_qk_and_pv(name, fused_attn):
+    model, size = tiny_model(name, fused_attn=fused_attn)
+    result = report(model, torch.randn(2, 3, size, size), {"attention": "int8"})
+
+    attention_rows = [row for row in result.int8_gemms if row.module.endswith("]")]
+    linears = linear_paths(model)
+    attention_modules = {p.rsplit(".", 1)[0] for p in linears if p.endswith(".qkv")}
+    assert attention_modules, "the test model has no qkv projections"
+    # Two GEMMs per attention (QK^T and PV), each with a forward and two input gradients.
+    per_attention = collections.Counter(row.module.split("[")[0] for row in attention_rows)
+    assert per_attention == {module: 6 for module in attention_modules}
+    assert all(row.role == row.graph_role for row in result.gemms)
+    # No attention matmul is left in float.
+    assert not [op for op in result.float_ops if "attention" in op.op or op.op == "bmm"]
+
+
+def test_float_ops_carry_reasons_and_coverage_adds_up():
+    model, size = tiny_model("deit_tiny_patch16_224")
+    result = report(model, torch.randn(2, 3, size, size), {"exclude": ["head"]})
+
+    assert "head" not in int8_roles_by_module(result)
+    head = [op for op in result.float_ops if op.module == "head"]
+    assert sorted(op.role for op in head) == ["dgrad", "forward", "wgrad"]
+    assert all("excluded by config" in op.reason for op in head)
+    conv = [op for op in result.float_ops if op.op.startswith("convolution")]
+    # The patch embedding's input needs no gradient: forward and wgrad only.
+    assert sorted(op.role for op in conv) == ["forward", "wgrad"]
+    assert all(op.module == "patch_embed.proj" for op in conv)
+    sdpa = [op for op in result.float_ops if "attention" in op.op]
+    assert sdpa and all("attention kept float" in op.reason for op in sdpa)
+
+    coverage = result.coverage()
+    int8 = sum(row.flops for row in result.int8_gemms)
+    every = int8 + sum(op.flops for op in result.float_ops)
+    assert coverage["total"]["int8_flops"] == int8
+    assert coverage["total"]["flops"] == every
+    assert 0 < coverage["total"]["ratio"] < 1
+    # The forward GEMM of a linear is 2*M*K*N: check one against the model's own sizes.
+    fc1 = next(r for r in result.gemms if r.module == "blocks.0.mlp.fc1" and r.role == "forward")
+    tokens = 2 * ((size // 16) ** 2 + 1)
+    layer = model.blocks[0].mlp.fc1
+    assert fc1.flops == 2 * tokens * layer.in_features * layer.out_features
+
+
+def test_disabled_roles_are_float_and_reported():
+    model, size = tiny_model("deit_tiny_patch16_224")
+    result = report(model, torch.randn(2, 3, size, size), {"wgrad": False})
+
+    assert {row.role for row in result.int8_gemms} == {"forward", "dgrad"}
+    disabled = [op for op in result.float_ops if op.op == "gradq.mm"]
+    assert len(disabled) == len(linear_paths(model))
+    assert all(op.role == "wgrad" and "wgrad=False" in op.reason for op in disabled)
+    assert result.coverage()["wgrad"]["int8_flops"] == 0
+    assert result.coverage()["wgrad"]["flops"] > 0
+
+
+def test_inference_reports_forward_only():
+    model, size = tiny_model("deit_tiny_patch16_224")
+    model.eval()
+    result = report(model, torch.randn(2, 3, size, size))
+
+    assert not result.training
+    assert {row.role for row in result.gemms} == {"forward"}
+    assert {row.module for row in result.int8_gemms} == linear_paths(model)
+    assert math.isnan(result.coverage()["wgrad"]["ratio"])
+
+
+def test_cli_json(capsys):
+    assert main(["report", "--model", "deit_tiny_patch16_224", "--img-size", "32",
+                 "--option", "exclude=head", "--format", "json"]) == 0  # fmt: skip
+    data = json.loads(capsys.readouterr().out)
+    assert data["config"]["exclude"] == ["head"]
+    modules = {row["module"] for row in data["gemms"]}
+    assert "head" not in modules and "blocks.11.mlp.fc2" in modules
+    assert data["coverage"]["total"]["int8_flops"] > 0
+
+
+def test_cli_rejects_bad_input(capsys):
+    with pytest.raises(SystemExit):
+        main(["report", "--model", "no_such_model"])
+    assert "unknown timm model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["report", "--img-size", "32", "--option", "attention=fp4"])
+    assert "attention" in capsys.readouterr().err
