@@ -38,17 +38,18 @@ def gradq_mm(
 
 @gradq_mm.register_fake
 def _(a, b, bias, a_spec, b_spec, role, module):
-    return a.new_empty((*a.shape[:-1], b.shape[-1]))
+    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    return a.new_empty((*batch, a.shape[-2], b.shape[-1]))
 
 
 def mm_reference(a, b, bias, a_spec: str, b_spec: str) -> torch.Tensor:
-    """What one `gradq.mm` computes, in plain torch (traceable)."""
+    """What one `gradq.mm` computes, in plain torch (traceable); the result has a's dtype."""
     if a_spec and b_spec:
         return quantizer.quantized_matmul(
             a, b, QuantSpec.decode(a_spec), QuantSpec.decode(b_spec), bias
         )
     out = torch.matmul(a, b)
-    return out if bias is None else out + bias
+    return (out if bias is None else out + bias).to(a.dtype)
 
 
 @dataclasses.dataclass(frozen=True)

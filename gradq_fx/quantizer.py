@@ -70,13 +70,15 @@ def estimate_quartiles(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     counts.scatter_add_(1, bins, torch.ones_like(mag))
     # Ascending magnitude = descending bin index: accumulate from the last bin.
     from_smallest = counts.flip(1).cumsum(1)
-    n = float(rows.shape[1])
+    n = rows.shape[1]  # stays symbolic under dynamic shapes (float() would specialise it)
 
     def quantile(p: float) -> torch.Tensor:
         reached = (from_smallest >= p * n).float().argmax(dim=1)  # first bin reaching p
         bin_index = (_NUM_BINS - 1) - reached
         middle = torch.exp2(-(bin_index.float() + 0.5) / _BINS_PER_OCTAVE)
-        return middle * amax.squeeze(1)
+        # The last bin holds the zeros (and values under amax * 2^-40): call it 0, so a row
+        # that is mostly zeros has Q1 = Q3 = 0 rather than a spurious tiny spread.
+        return torch.where(reached == 0, 0.0, middle * amax.squeeze(1))
 
     return quantile(0.25), quantile(0.75)
 
@@ -98,7 +100,8 @@ def clip_value(rows: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     # arange, not torch.tensor: graph rewrites cannot splice tensor constants.
     exponents = torch.arange(IQR_FENCE_COUNT - 1, -1, -1, device=rows.device, dtype=rows.dtype)
     fences = q3[:, None] + torch.exp2(exponents) * (q3 - q1)[:, None]
-    # A zero fence (over half the row is zero) says nothing about the spread: use amax.
+    # A zero fence (Q3 = 0: over three quarters of the row is zero) says nothing about the
+    # spread of the nonzero values: use amax.
     fences = torch.where(fences > 0, torch.minimum(fences, amax[:, None]), amax[:, None])
     candidates = torch.cat([amax[:, None], fences], dim=1)  # [R, F]
     # Score every candidate at once ([R, F, C], one fused reduction under Inductor) by the

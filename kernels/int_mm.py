@@ -23,7 +23,8 @@ def _round_up(value, multiple: int):
 
 def cublas_padding(m, k, n) -> tuple:
     """Padded (M, K, N) that cuBLAS's int8 GEMM accepts, for the given sizes."""
-    padded_m = _round_up(m if m >= CUBLAS_MIN_ROWS else CUBLAS_MIN_ROWS, CUBLAS_MULTIPLE)
+    # sym_max keeps a dynamic M symbolic instead of guarding on M > 16.
+    padded_m = _round_up(torch.sym_max(m, CUBLAS_MIN_ROWS), CUBLAS_MULTIPLE)
     return padded_m, _round_up(k, CUBLAS_MULTIPLE), _round_up(n, CUBLAS_MULTIPLE)
 
 
