@@ -12,8 +12,8 @@ reference numerics (`gradq_fx.quantizer.quantized_matmul`) for Inductor to compi
 
 from __future__ import annotations
 
-import dataclasses
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -52,19 +52,22 @@ def mm_reference(a, b, bias, a_spec: str, b_spec: str) -> torch.Tensor:
     return (out if bias is None else out + bias).to(a.dtype)
 
 
-@dataclasses.dataclass(frozen=True)
-class GemmSite:
-    """The three GEMMs of one rewritten matmul: each role's operand specs ("" = float)."""
+class GemmSite(NamedTuple):
+    """The three GEMMs of one rewritten matmul: each role's operand specs ("" = float).
+
+    Strings and tuples only: the Dynamo graph stores it as a node argument, and FX writes
+    node arguments into generated Python source (where it arrives as a plain tuple).
+    """
 
     module: str
     forward: tuple[str, str]
     dgrad_a: tuple[str, str]  # grad of the left operand  = grad_out @ b^T
     dgrad_b: tuple[str, str]  # grad of the right operand = a^T @ grad_out
-    role_b: Role  # WGRAD when the right operand is a weight, else DGRAD
+    role_b: str  # "wgrad" when the right operand is a weight, else "dgrad"
 
 
-def _mm(a, b, bias, specs: tuple[str, str], role: Role, module: str) -> torch.Tensor:
-    return torch.ops.gradq.mm(a, b, bias, specs[0], specs[1], role.value, module)
+def _mm(a, b, bias, specs: tuple[str, str], role: str, module: str) -> torch.Tensor:
+    return torch.ops.gradq.mm(a, b, bias, specs[0], specs[1], role, module)
 
 
 class _QuantizedMatmul(torch.autograd.Function):
@@ -73,9 +76,9 @@ class _QuantizedMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, bias, site: GemmSite):
         ctx.save_for_backward(a, b)
-        ctx.site = site
+        ctx.site = site = GemmSite(*site)
         ctx.has_bias = bias is not None
-        return _mm(a, b, bias, site.forward, Role.FORWARD, site.module)
+        return _mm(a, b, bias, site.forward, Role.FORWARD.value, site.module)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -83,7 +86,7 @@ class _QuantizedMatmul(torch.autograd.Function):
         site = ctx.site
         grad_a = grad_b = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_a = _mm(grad_out, b.mT, None, site.dgrad_a, Role.DGRAD, site.module)
+            grad_a = _mm(grad_out, b.mT, None, site.dgrad_a, Role.DGRAD.value, site.module)
         if ctx.needs_input_grad[1]:
             grad_b = _mm(a.mT, grad_out, None, site.dgrad_b, site.role_b, site.module)
         if ctx.has_bias and ctx.needs_input_grad[2]:

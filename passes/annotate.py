@@ -107,8 +107,26 @@ def _filter_reason(module: str, config: GradQConfig) -> str | None:
     return None
 
 
+def _operand_problem(node: fx.Node, kind: Kind) -> str | None:
+    """Why the operands of a linear or matmul do not fit gradq's GEMMs, or None if they do."""
+    if kind not in (Kind.LINEAR, Kind.MATMUL):
+        return None
+    values = [a.meta.get("example_value") for a in node.args[:2] if isinstance(a, fx.Node)]
+    for value in values:
+        if not isinstance(value, torch.Tensor):
+            continue
+        if not value.is_floating_point():
+            return f"{value.dtype} operand: gradq quantizes floating-point GEMMs only"
+        if kind is Kind.MATMUL and value.dim() < 2:
+            return "matmul with a 1-D operand (a matrix-vector product): not rewritten"
+    return None
+
+
 def _decide(node: fx.Node, kind: Kind, config: GradQConfig) -> Decision:
     module = module_path(node)
+    problem = _operand_problem(node, kind)
+    if problem is not None:
+        return Decision(node.name, kind, module, False, problem)
     if kind is Kind.MATMUL:
         if is_parameter(node.args[0]):
             reason = "matmul with a weight as left operand: not rewritten by gradq"

@@ -66,12 +66,17 @@ def run(graph: fx.Graph) -> int:
     return count
 
 
+def source_files() -> list[Path]:
+    """Every source file of gradq whose change can change a lowered graph."""
+    roots = (Path(gradq_fx.__file__).parent, Path(__file__).parent, Path(kernels.__file__).parent)
+    return sorted(path for root in roots for path in root.glob("*.py"))
+
+
 @functools.cache
 def source_hash() -> str:
-    """A hash of every source file of gradq (numerics, ops, passes, kernels)."""
+    """A hash of torch's version and gradq's source (numerics, ops, passes, kernels)."""
     digest = hashlib.sha256(torch.__version__.encode())
-    roots = (Path(gradq_fx.__file__).parent, Path(__file__).parent, Path(kernels.__file__).parent)
-    for path in sorted(p for root in roots for p in root.glob("*.py")):
+    for path in source_files():
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()

@@ -54,7 +54,7 @@ def site_for(module: str, config: GradQConfig, right_is_weight: bool) -> ops.Gem
         forward=specs(Role.FORWARD, act, right),
         dgrad_a=specs(Role.DGRAD, grad, right),
         dgrad_b=specs(role_b, act, grad),
-        role_b=role_b,
+        role_b=role_b.value,
     )
 
 

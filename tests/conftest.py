@@ -5,12 +5,14 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from torch._dynamo.utils import counters
 
 
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
-    """Each test compiles from scratch: no Dynamo cache carried between tests."""
+    """Each test compiles from scratch: no Dynamo cache or counters carried between tests."""
     torch._dynamo.reset()
+    counters.clear()
     yield
     torch._dynamo.reset()
 

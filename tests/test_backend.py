@@ -190,6 +190,17 @@ def test_inductor_matches_reference_dynamic_shapes_and_inference():
 
 
 @pytest.mark.slow
+def test_inductor_under_bf16_autocast():
+    model, x = mlp(), torch.randn(197, 37)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_out, _, ref_dw = step(model, x)
+        out, _, dw = step(model, x, "gradq", None, fullgraph=True)
+    assert out.dtype == torch.bfloat16 and dw["0.weight"].dtype == torch.float32
+    assert sqnr_db(ref_out, out) > 25
+    assert min_weight_sqnr(ref_dw, dw) > 25
+
+
+@pytest.mark.slow
 def test_option_change_recompiles_and_same_options_hit_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     model, x = mlp(), torch.randn(197, 37)

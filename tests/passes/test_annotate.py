@@ -1,0 +1,104 @@
+"""annotate: one Decision per matmul-like op of Dynamo's graph, with the reason for float."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from gradq_fx.config import GradQConfig
+from gradq_fx.passes import annotate
+from gradq_fx.passes.annotate import Kind
+
+
+class Zoo(torch.nn.Module):
+    """Every kind of matmul-like op annotate must recognise."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, 3)
+        self.table = torch.nn.Parameter(torch.randn(8, 8))
+        self.conv = torch.nn.Conv2d(2, 2, 3)
+        self.vector = torch.nn.Parameter(torch.randn(8))
+
+    def forward(self, x, image):
+        h = self.proj(x)  # linear
+        scores = h @ h.transpose(-2, -1)  # activation x activation
+        h = scores.softmax(-1) @ h
+        h = h @ self.table  # matmul with a weight on the right
+        h = self.table @ h.transpose(-2, -1)  # weight on the left
+        h = torch.matmul(h.transpose(-2, -1), self.vector)  # matrix-vector
+        out = torch.addmm(self.head.bias, x[0], self.head.weight.t())
+        return self.head(h.unsqueeze(-1).expand(-1, -1, 8)), out, self.conv(image)
+
+
+def decisions(config: GradQConfig) -> list[annotate.Decision]:
+    captured = []
+
+    def backend(gm, example_inputs):
+        captured.extend(annotate.run(gm, config))
+        return gm.forward
+
+    torch.compile(Zoo(), backend=backend, fullgraph=True)(
+        torch.randn(2, 5, 8), torch.randn(1, 2, 7, 7)
+    )
+    return captured
+
+
+def test_every_matmul_like_op_gets_a_decision():
+    found = decisions(GradQConfig.from_options({"attention": "int8"}))
+    by_kind = {}
+    for decision in found:
+        by_kind.setdefault(decision.kind, []).append(decision)
+
+    linears = by_kind[Kind.LINEAR]
+    assert sorted(d.module for d in linears) == ["", "head", "proj"]  # "" = matmul by table
+    assert all(d.quantize for d in linears)
+    matmuls = by_kind[Kind.MATMUL]
+    assert [d.quantize for d in matmuls] == [True, True, False, False]
+    assert "left operand" in matmuls[2].reason and "1-D operand" in matmuls[3].reason
+    assert [d.reason for d in by_kind[Kind.OTHER]] == ["addmm: not rewritten by gradq"]
+    assert [d.module for d in by_kind[Kind.CONVOLUTION]] == ["conv"]
+    assert not by_kind[Kind.CONVOLUTION][0].quantize
+
+
+def test_attention_float_and_globs_keep_ops_in_float_with_reasons():
+    config = GradQConfig.from_options({"exclude": ["he*"], "include": ["*"]})
+    found = decisions(config)
+    head = next(d for d in found if d.module == "head" and d.kind is Kind.LINEAR)
+    assert not head.quantize and "exclude pattern 'he*'" in head.reason
+    attention = [d for d in found if d.kind is Kind.MATMUL and "1-D" not in d.reason]
+    attention = [d for d in attention if "left operand" not in d.reason]
+    assert len(attention) == 2
+    assert all(not d.quantize and "attention kept float" in d.reason for d in attention)
+
+    only_proj = decisions(GradQConfig.from_options({"include": ["proj"]}))
+    quantized = {d.module for d in only_proj if d.quantize}
+    assert quantized == {"proj"}
+    assert any("not matched by include" in d.reason for d in only_proj)
+
+
+def test_integer_matmul_is_not_rewritten():
+    captured = []
+
+    def backend(gm, example_inputs):
+        captured.extend(annotate.run(gm, GradQConfig.from_options({"attention": "int8"})))
+        return gm.forward
+
+    a = torch.randint(0, 5, (4, 4))
+    torch.compile(lambda a, b: a @ b, backend=backend)(a, a)
+    assert len(captured) == 1 and not captured[0].quantize
+    assert "torch.int64 operand" in captured[0].reason
+
+
+def test_module_path_strips_dynamo_prefix():
+    captured = []
+
+    def backend(gm, example_inputs):
+        captured.extend(annotate.run(gm, GradQConfig()))
+        return gm.forward
+
+    model = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+    torch.compile(model, backend=backend)(torch.randn(2, 4))
+    assert [d.module for d in captured] == ["0.0"]
+    assert F.linear is torch._C._nn.linear  # the target annotate recognises
