@@ -53,12 +53,16 @@ class QuantSpec:
     """How one GEMM operand is quantized: symmetric, integers in [-qmax, qmax].
 
     qmax = 2^(bits-1) - 1 (127 at 8 bits); -128 is never used, so negation is exact.
+    scaling: after rounding, replace each slice's scale by the least-squares one for the chosen
+    integers, <x, q> / <q, q> (GradQ-ViT's gradient scaling, method.md item 3). It aligns the
+    dequantized tensor with x and folds into the GEMM's dequantize scale at no cost.
     """
 
     bits: int = 8
     granularity: Granularity = Granularity.PER_ROW
     rounding: Rounding = Rounding.NEAREST
     clipping: Clipping = Clipping.MINMAX
+    scaling: bool = False
 
     def __post_init__(self):
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
@@ -70,21 +74,29 @@ class QuantSpec:
         ):
             if not isinstance(getattr(self, name), kind):
                 raise ValueError(f"{name} must be a {kind.__name__}, got {getattr(self, name)!r}")
+        if not isinstance(self.scaling, bool):
+            raise ValueError(f"scaling must be True or False, got {self.scaling!r}")
 
     @property
     def qmax(self) -> int:
         return 2 ** (self.bits - 1) - 1
 
     def encode(self) -> str:
-        """A short string that travels as a custom-op argument, e.g. '8:per_row:nearest:minmax'."""
-        return ":".join(
-            (str(self.bits), self.granularity.value, self.rounding.value, self.clipping.value)
-        )
+        """A string that travels as a custom-op argument: '8:per_row:nearest:minmax:unscaled'."""
+        scaling = "scaled" if self.scaling else "unscaled"
+        fields = (self.granularity.value, self.rounding.value, self.clipping.value, scaling)
+        return ":".join((str(self.bits), *fields))
 
     @classmethod
     def decode(cls, text: str) -> QuantSpec:
-        bits, granularity, rounding, clipping = text.split(":")
-        return cls(int(bits), Granularity(granularity), Rounding(rounding), Clipping(clipping))
+        bits, granularity, rounding, clipping, scaling = text.split(":")
+        return cls(
+            int(bits),
+            Granularity(granularity),
+            Rounding(rounding),
+            Clipping(clipping),
+            scaling == "scaled",
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,14 +109,15 @@ class GradQConfig:
       and track per-token and per-channel ranges, which differ by orders of magnitude in ViTs.
     - gradient: 8 bits, `per_row`, round to nearest (GradQ-ViT uses deterministic rounding;
       stochastic is offered as the known baseline), `iqr` clipping: ViT gradients are heavy
-      tailed and an absmax scale spends most levels on a few outliers.
+      tailed and an absmax scale spends most levels on a few outliers; least-squares
+      `scaling`, which restores the magnitude that clipping takes away.
     - all three GEMMs quantized; attention kept in float (timm's fused SDPA unchanged);
       every Linear included (`include=("*",)`, `exclude=()`).
     """
 
     weight: QuantSpec = QuantSpec()
     activation: QuantSpec = QuantSpec()
-    gradient: QuantSpec = QuantSpec(clipping=Clipping.IQR)
+    gradient: QuantSpec = QuantSpec(clipping=Clipping.IQR, scaling=True)
     forward: bool = True
     dgrad: bool = True
     wgrad: bool = True
@@ -152,6 +165,7 @@ class GradQConfig:
             out[f"{operand}_granularity"] = spec.granularity.value
             out[f"{operand}_rounding"] = spec.rounding.value
             out[f"{operand}_clipping"] = spec.clipping.value
+            out[f"{operand}_scaling"] = spec.scaling
         out.update(forward=self.forward, dgrad=self.dgrad, wgrad=self.wgrad)
         out.update(attention=self.attention.value, include=list(self.include))
         out["exclude"] = list(self.exclude)
@@ -167,13 +181,26 @@ def _choice(kind: type[enum.Enum], key: str, value: Any) -> enum.Enum:
     return kind(value)
 
 
-def _set_spec_field(operand: str, field: str, kind: type[enum.Enum] | None):
+def _bits(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 8:
+        raise ValueError(f"option {key!r} must be an integer from 2 to 8, got {value!r}")
+    return value
+
+
+def _flag(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"option {key!r} must be True or False, got {value!r}")
+    return value
+
+
+def _set_spec_field(operand: str, field: str, kind):
+    """kind: an Enum class, or a validator (key, value) -> value."""
+
     def apply(config: GradQConfig, key: str, value: Any) -> GradQConfig:
-        if kind is None:  # bits
-            if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 8:
-                raise ValueError(f"option {key!r} must be an integer from 2 to 8, got {value!r}")
-        else:
+        if isinstance(kind, type) and issubclass(kind, enum.Enum):
             value = _choice(kind, key, value)
+        else:
+            value = kind(key, value)
         spec = dataclasses.replace(getattr(config, operand), **{field: value})
         return dataclasses.replace(config, **{operand: spec})
 
@@ -181,9 +208,7 @@ def _set_spec_field(operand: str, field: str, kind: type[enum.Enum] | None):
 
 
 def _set_bool(config: GradQConfig, key: str, value: Any) -> GradQConfig:
-    if not isinstance(value, bool):
-        raise ValueError(f"option {key!r} must be True or False, got {value!r}")
-    return dataclasses.replace(config, **{key: value})
+    return dataclasses.replace(config, **{key: _flag(key, value)})
 
 
 def _set_globs(config: GradQConfig, key: str, value: Any) -> GradQConfig:
@@ -210,10 +235,11 @@ OPTIONS = {
         f"{operand}_{field}": _set_spec_field(operand, field, kind)
         for operand in ("weight", "activation", "gradient")
         for field, kind in (
-            ("bits", None),
+            ("bits", _bits),
             ("granularity", Granularity),
             ("rounding", Rounding),
             ("clipping", Clipping),
+            ("scaling", _flag),
         )
     },
     # The name the GradQ-ViT papers use for the gradient's clipping rule.

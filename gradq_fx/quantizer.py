@@ -7,6 +7,7 @@ Semantics of a quantized GEMM out = a @ b, a [..., M, K], b [..., K, N]:
   scale_a = clip_a / qmax      one per row of a (per_row) or one per tensor, reduced over K
   scale_b = clip_b / qmax      one per column of b (per_row) or one per tensor, reduced over K
   q_a     = clamp(round(a / scale_a), -qmax, qmax)  as int8     (likewise q_b)
+  scale_a = <a, q_a> / <q_a, q_a>  per slice, only with `scaling` (likewise scale_b)
   acc     = q_a @ q_b          exact, in int32
   out     = (float32(acc) * scale_a * scale_b + bias)  cast to a's dtype
 A slice that is all zeros gets scale 1 (and quantizes to zeros).
@@ -133,7 +134,16 @@ def quantize(x: torch.Tensor, spec: QuantSpec, dim: int) -> tuple[torch.Tensor, 
     rows = _as_rows(x32, dim, per_row)
     scale = _from_rows(_safe_scale(clip_value(rows, spec), spec.qmax), x32, dim, per_row)
     q = _round(x32 / scale, spec.rounding).clamp(-spec.qmax, spec.qmax)
+    if spec.scaling:
+        scale = _from_rows(least_squares_scale(rows, _as_rows(q, dim, per_row)), x32, dim, per_row)
     return q.to(torch.int8), scale
+
+
+def least_squares_scale(rows: torch.Tensor, q_rows: torch.Tensor) -> torch.Tensor:
+    """argmin_s ||x - s q||^2 = <x, q> / <q, q> per row ([R, C] -> [R]); 1 where q is all zero."""
+    numerator = (rows * q_rows).sum(dim=1)
+    denominator = (q_rows * q_rows).sum(dim=1)
+    return torch.where(denominator > 0, numerator / denominator, torch.ones_like(denominator))
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

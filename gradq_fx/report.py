@@ -162,7 +162,8 @@ def _spec_text(spec: str) -> str:
     if not spec:
         return "float"
     s = QuantSpec.decode(spec)
-    return f"int{s.bits} {s.granularity.value} {s.rounding.value} {s.clipping.value}"
+    scaled = " scaled" if s.scaling else ""
+    return f"int{s.bits} {s.granularity.value} {s.rounding.value} {s.clipping.value}{scaled}"
 
 
 # --- capture -------------------------------------------------------------------------------

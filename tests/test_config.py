@@ -39,6 +39,10 @@ def _key_table():
                 [member.value for member in kind],
                 lambda c, o=operand, f=field: getattr(getattr(c, o), f).value,
             )
+        table[f"{operand}_scaling"] = (
+            [True, False],
+            lambda c, o=operand: getattr(c, o).scaling,
+        )
     table["gradient_quantizer"] = (
         [member.value for member in Clipping],
         lambda c: c.gradient.clipping.value,
@@ -72,7 +76,9 @@ def test_defaults():
     accurate = QuantSpec(8, Granularity.PER_ROW, Rounding.NEAREST, Clipping.MINMAX)
     assert config.weight == accurate
     assert config.activation == accurate
-    assert config.gradient == QuantSpec(8, Granularity.PER_ROW, Rounding.NEAREST, Clipping.IQR)
+    assert config.gradient == QuantSpec(
+        8, Granularity.PER_ROW, Rounding.NEAREST, Clipping.IQR, scaling=True
+    )
     assert (config.forward, config.dgrad, config.wgrad) == (True, True, True)
     assert config.attention is Attention.FLOAT
     assert config.include == ("*",)
@@ -82,11 +88,12 @@ def test_defaults():
 
 def test_quantspec_defaults_and_qmax():
     spec = QuantSpec()
-    assert (spec.bits, spec.granularity, spec.rounding, spec.clipping) == (
+    assert (spec.bits, spec.granularity, spec.rounding, spec.clipping, spec.scaling) == (
         8,
         Granularity.PER_ROW,
         Rounding.NEAREST,
         Clipping.MINMAX,
+        False,
     )
     assert [QuantSpec(bits=b).qmax for b in range(2, 9)] == [1, 3, 7, 15, 31, 63, 127]
 
@@ -167,7 +174,7 @@ def test_many_options_at_once_round_trip():
     config = GradQConfig.from_options(options)
     assert config.weight.bits == 4
     assert config.activation.granularity is Granularity.PER_TENSOR
-    assert config.gradient == QuantSpec(8, Granularity.PER_ROW, Rounding.STOCHASTIC)
+    assert config.gradient == QuantSpec(8, Granularity.PER_ROW, Rounding.STOCHASTIC, scaling=True)
     assert config.quantizes(Role.FORWARD) and config.quantizes(Role.WGRAD)
     assert not config.quantizes(Role.DGRAD)
     assert config.include == ("blocks.*",) and config.exclude == ("head",)
@@ -200,6 +207,7 @@ BAD_CASES = (
     + [("gradient_quantizer", "iqs_typo", _ENUM_CHOICES["clipping"])]
     + [("attention", "fp8", _ENUM_CHOICES["attention"])]
     + [(flag, "yes", ["True", "False"]) for flag in ("forward", "dgrad", "wgrad")]
+    + [(f"{op}_scaling", 1, ["True", "False"]) for op in OPERANDS]
     + [("forward", 1, ["True", "False"])]
     + [(globs, 3, ["glob"]) for globs in ("include", "exclude")]
     + [("include", ["ok.*", 3], ["glob"])]
@@ -253,9 +261,9 @@ def test_gradqconfig_rejects_bad_fields(kwargs):
 # --------------------------------------------------------------------------- QuantSpec codec
 
 ALL_SPECS = [
-    QuantSpec(bits, granularity, rounding, clipping)
-    for bits, granularity, rounding, clipping in itertools.product(
-        range(2, 9), Granularity, Rounding, Clipping
+    QuantSpec(bits, granularity, rounding, clipping, scaling)
+    for bits, granularity, rounding, clipping, scaling in itertools.product(
+        range(2, 9), Granularity, Rounding, Clipping, (False, True)
     )
 ]
 
@@ -264,8 +272,10 @@ ALL_SPECS = [
 def test_quantspec_encode_decode_round_trip(spec):
     text = spec.encode()
     assert isinstance(text, str) and text  # non-empty: "" means float to gradq.mm
+    scaling = "scaled" if spec.scaling else "unscaled"
     assert text == (
         f"{spec.bits}:{spec.granularity.value}:{spec.rounding.value}:{spec.clipping.value}"
+        f":{scaling}"
     )
     assert QuantSpec.decode(text) == spec
 
@@ -275,7 +285,7 @@ def test_quantspec_encodings_are_distinct():
 
 
 def test_quantspec_default_encoding():
-    assert QuantSpec().encode() == "8:per_row:nearest:minmax"
+    assert QuantSpec().encode() == "8:per_row:nearest:minmax:unscaled"
 
 
 # --------------------------------------------------------------------------- frozen

@@ -552,3 +552,38 @@ def test_quantized_matmul_bf16_in_bf16_out(batched):
         reference = reference + bias.double()
     # Measured 41.3 dB (2-D, with bias) and 43.3 dB (4-D); bf16 output rounding included.
     assert quantizer.sqnr_db(reference, out) >= 36.0
+
+
+# --------------------------------------------------------------------------- gradient scaling
+
+
+@pytest.mark.parametrize("granularity", [PER_TENSOR, PER_ROW])
+@pytest.mark.parametrize("clipping", [Clipping.MINMAX, Clipping.IQR])
+def test_scaling_gives_the_least_squares_scale(granularity, clipping):
+    """With `scaling`, each slice's scale minimises ||x - s q|| for the integers chosen."""
+    torch.manual_seed(0)
+    x = torch.randn(37, 197) * torch.rand(37, 197).pow(4) * 3
+    x[5, 11] = 40.0  # an outlier the IQR fence clips
+    x[9] = 0.0
+    plain = QuantSpec(granularity=granularity, clipping=clipping)
+    scaled = QuantSpec(granularity=granularity, clipping=clipping, scaling=True)
+    q_plain, _ = quantizer.quantize(x, plain, dim=-1)
+    q, scale = quantizer.quantize(x, scaled, dim=-1)
+    torch.testing.assert_close(q, q_plain, rtol=0, atol=0)  # same integers, new scales
+
+    # Closed form in float64 per slice: s = <x, q> / <q, q> (1 for an all-zero slice).
+    xs, qs = x.double(), q.double()
+    if granularity is PER_ROW:
+        num, den = (xs * qs).sum(1, keepdim=True), (qs * qs).sum(1, keepdim=True)
+    else:
+        num, den = (xs * qs).sum().reshape(1, 1), (qs * qs).sum().reshape(1, 1)
+    expected = torch.where(den > 0, num / den, torch.ones_like(den))
+    torch.testing.assert_close(scale.double(), expected, rtol=1e-5, atol=0)
+    # ... and it is a minimum: nudging it either way increases the error.
+    error = (xs - qs * scale.double()).pow(2).sum()
+    for factor in (0.999, 1.001):
+        assert (xs - qs * scale.double() * factor).pow(2).sum() > error
+    # Least squares never does worse than the clip-derived scale.
+    assert quantizer.sqnr_db(x, quantizer.dequantize(q, scale)) >= quantizer.sqnr_db(
+        x, quantizer.dequantize(*quantizer.quantize(x, plain, dim=-1))
+    )
