@@ -14,8 +14,11 @@ from gradq_fx.config import (
     Role,
     Rounding,
 )
+from gradq_fx.stats import AdaptiveLR, param_groups
+from gradq_fx.stats import stats as layer_stats
 
 __all__ = [
+    "AdaptiveLR",
     "Attention",
     "Clipping",
     "GradQConfig",
@@ -24,4 +27,6 @@ __all__ = [
     "Role",
     "Rounding",
     "compile",
+    "layer_stats",
+    "param_groups",
 ]

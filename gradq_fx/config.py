@@ -113,6 +113,9 @@ class GradQConfig:
       `scaling`, which restores the magnitude that clipping takes away.
     - all three GEMMs quantized; attention kept in float (timm's fused SDPA unchanged);
       every Linear included (`include=("*",)`, `exclude=()`).
+    - `stats`: each quantized Linear records how well its wgrad gradient survives quantization
+      (cosine, relative error; `gradq_fx.stats`), which the adaptive learning rate reads. It
+      costs one more quantization of dY on the reference path.
     """
 
     weight: QuantSpec = QuantSpec()
@@ -124,12 +127,13 @@ class GradQConfig:
     attention: Attention = Attention.FLOAT
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
+    stats: bool = True
 
     def __post_init__(self):
         for name in ("weight", "activation", "gradient"):
             if not isinstance(getattr(self, name), QuantSpec):
                 raise ValueError(f"{name} must be a QuantSpec, got {getattr(self, name)!r}")
-        for name in ("forward", "dgrad", "wgrad"):
+        for name in ("forward", "dgrad", "wgrad", "stats"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.attention, Attention):
@@ -169,6 +173,7 @@ class GradQConfig:
         out.update(forward=self.forward, dgrad=self.dgrad, wgrad=self.wgrad)
         out.update(attention=self.attention.value, include=list(self.include))
         out["exclude"] = list(self.exclude)
+        out["stats"] = self.stats
         return out
 
 
@@ -247,6 +252,7 @@ OPTIONS = {
     "forward": _set_bool,
     "dgrad": _set_bool,
     "wgrad": _set_bool,
+    "stats": _set_bool,
     "attention": _set_attention,
     "include": _set_globs,
     "exclude": _set_globs,

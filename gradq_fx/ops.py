@@ -74,24 +74,30 @@ class _QuantizedMatmul(torch.autograd.Function):
     """out = a @ b (+ bias), with a [..., M, K], b [..., K, N] of equal batch dims."""
 
     @staticmethod
-    def forward(ctx, a, b, bias, site: GemmSite):
+    def forward(ctx, a, b, bias, site: GemmSite, probe):
         ctx.save_for_backward(a, b)
         ctx.site = site = GemmSite(*site)
         ctx.has_bias = bias is not None
+        ctx.has_probe = probe is not None
         return _mm(a, b, bias, site.forward, Role.FORWARD.value, site.module)
 
     @staticmethod
     def backward(ctx, grad_out):
         a, b = ctx.saved_tensors
         site = ctx.site
-        grad_a = grad_b = grad_bias = None
+        grad_a = grad_b = grad_bias = grad_probe = None
         if ctx.needs_input_grad[0]:
             grad_a = _mm(grad_out, b.mT, None, site.dgrad_a, Role.DGRAD.value, site.module)
         if ctx.needs_input_grad[1]:
             grad_b = _mm(a.mT, grad_out, None, site.dgrad_b, site.role_b, site.module)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-        return grad_a, grad_b, grad_bias, None
+        if ctx.has_probe and ctx.needs_input_grad[4]:
+            # The probe's "gradient" is the statistics of dY's quantization in wgrad: it
+            # reaches probe.grad on the device, with no host synchronisation.
+            spec = QuantSpec.decode(site.dgrad_b[1])
+            grad_probe = quantizer.quantization_stats(grad_out, spec, dim=-2)
+        return grad_a, grad_b, grad_bias, None, grad_probe
 
 
 def _autocast(*tensors):
@@ -103,27 +109,31 @@ def _autocast(*tensors):
     return tuple(t if t is None or not t.is_floating_point() else t.to(dtype) for t in tensors)
 
 
-def quantized_linear(x, weight, bias, site: GemmSite) -> torch.Tensor:
-    """F.linear(x, weight, bias) as three gradq GEMMs."""
-    return _matmul(x, weight.t(), bias, site)
+def quantized_linear(x, weight, bias, site: GemmSite, probe=None) -> torch.Tensor:
+    """F.linear(x, weight, bias) as three gradq GEMMs.
+
+    probe: an optional [3] tensor requiring grad; backward gives it the wgrad gradient's
+    quantization statistics (`quantizer.quantization_stats`) as its gradient.
+    """
+    return _matmul(x, weight.t(), bias, site, probe)
 
 
-def quantized_matmul(a, b, site: GemmSite) -> torch.Tensor:
-    """torch.matmul(a, b) as gradq GEMMs."""
-    return _matmul(a, b, None, site)
+def quantized_matmul(a, b, site: GemmSite, probe=None) -> torch.Tensor:
+    """torch.matmul(a, b) as gradq GEMMs (probe: as in `quantized_linear`)."""
+    return _matmul(a, b, None, site, probe)
 
 
-def _matmul(a, b, bias, site: GemmSite) -> torch.Tensor:
+def _matmul(a, b, bias, site: GemmSite, probe=None) -> torch.Tensor:
     a, b, bias = _autocast(a, b, bias)
     if b.dim() == 2:
         # A 2-D right operand (a weight) meets all rows of a at once: one GEMM per role, so
         # wgrad contracts over every token instead of summing per-batch products.
-        out = _QuantizedMatmul.apply(a.reshape(-1, a.shape[-1]), b, bias, site)
+        out = _QuantizedMatmul.apply(a.reshape(-1, a.shape[-1]), b, bias, site, probe)
         return out.reshape(*a.shape[:-1], b.shape[-1])
     batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     a = a.expand(*batch, *a.shape[-2:])
     b = b.expand(*batch, *b.shape[-2:])
-    return _QuantizedMatmul.apply(a, b, bias, site)
+    return _QuantizedMatmul.apply(a, b, bias, site, probe)
 
 
 def quantized_attention(

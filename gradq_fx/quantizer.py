@@ -150,6 +150,21 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale
 
 
+def quantization_stats(x: torch.Tensor, spec: QuantSpec, dim: int) -> torch.Tensor:
+    """[cos(x, x_q), ||x - x_q||^2 / ||x||^2, 1] for x_q = dequantize(quantize(x, spec, dim)).
+
+    The trailing 1 counts: summed over steps (as gradients accumulate) the vector holds the
+    totals and the number of steps. An all-zero x counts as cosine 1, error 0.
+    """
+    x32 = x.float()
+    restored = dequantize(*quantize(x, spec, dim))
+    norms = x32.norm() * restored.norm()
+    energy = x32.square().sum()
+    cosine = torch.where(norms > 0, (x32 * restored).sum() / norms, 1.0)
+    error = torch.where(energy > 0, (x32 - restored).square().sum() / energy, 0.0)
+    return torch.stack([cosine, error, torch.ones_like(cosine)])
+
+
 def quantized_matmul(
     a: torch.Tensor,
     b: torch.Tensor,

@@ -186,7 +186,10 @@ def _capture(model, example_inputs: Sequence[Any], config: GradQConfig, training
 
     def backend(gm: fx.GraphModule, inputs):
         decisions = prepare(gm, config)
-        is_parameter = [isinstance(i, torch.nn.Parameter) for i in inputs]
+        # AOTAutograd's primals: the graph module's own parameters (gradq's statistics
+        # probes), then Dynamo's inputs. The probes' gradients are statistics, not wgrads.
+        probes = [False] * len(list(gm.parameters()))
+        is_parameter = probes + [isinstance(i, torch.nn.Parameter) for i in inputs]
 
         def partition(joint, joint_inputs, *, num_fwd_outputs, **kwargs):
             captured.append(_Captured(joint, is_parameter, num_fwd_outputs, decisions))

@@ -84,17 +84,22 @@ def module_path(node: fx.Node) -> str:
     return re.sub(r"^L\['[^']*'\]\.?", "", path)
 
 
-def is_parameter(node: fx.Node) -> bool:
-    """True if the node is a parameter placeholder, possibly behind view-like ops."""
+def parameter_of(node: fx.Node) -> torch.nn.Parameter | None:
+    """The parameter a node reads (possibly behind view-like ops), if Dynamo recorded it."""
     while node.op == "call_method" and node.target in _VIEW_METHODS:
         node = node.args[0]
-    if node.op == "get_attr":
-        return True
     if node.op != "placeholder":
-        return False
+        return None
     grapharg = node.meta.get("grapharg")
     example = grapharg.example if grapharg is not None else node.meta.get("example_value")
-    return isinstance(example, torch.nn.Parameter)
+    return example if isinstance(example, torch.nn.Parameter) else None
+
+
+def is_parameter(node: fx.Node) -> bool:
+    """True if the node is a parameter placeholder or attribute, possibly behind view-like ops."""
+    while node.op == "call_method" and node.target in _VIEW_METHODS:
+        node = node.args[0]
+    return node.op == "get_attr" or parameter_of(node) is not None
 
 
 def _filter_reason(module: str, config: GradQConfig) -> str | None:

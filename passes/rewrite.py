@@ -16,12 +16,14 @@ Nodes keep their metadata (the value, its shape and dtype are unchanged).
 
 from __future__ import annotations
 
+import torch
 from torch import fx
+from torch._dynamo.source import AttrSource
 from torch.fx.operator_schemas import normalize_function
 
-from gradq_fx import ops
+from gradq_fx import ops, stats
 from gradq_fx.config import GradQConfig, Role
-from gradq_fx.passes.annotate import Decision, Kind
+from gradq_fx.passes.annotate import Decision, Kind, parameter_of
 
 
 def _arguments(node: fx.Node) -> dict:
@@ -58,22 +60,48 @@ def site_for(module: str, config: GradQConfig, right_is_weight: bool) -> ops.Gem
     )
 
 
-def _replacement(node: fx.Node, decision: Decision, config: GradQConfig):
+def _probe(gm: fx.GraphModule, weight: fx.Node, site: ops.GemmSite, config: GradQConfig):
+    """A get_attr node for the weight's statistics probe, or None (see `gradq_fx.stats`).
+
+    The probe is a [3] parameter that backward fills with the wgrad gradient's quantization
+    statistics. It hangs on the weight (one per weight, shared by every graph compiled for
+    it), and is registered on the graph module so AOTAutograd treats it as an input.
+    """
+    parameter = parameter_of(weight)
+    if not config.stats or not site.dgrad_b[1] or parameter is None:
+        return None
+    probe = getattr(parameter, stats.PROBE_ATTRIBUTE, None)
+    if probe is None:
+        probe = torch.nn.Parameter(torch.zeros(3, device=parameter.device))
+        setattr(parameter, stats.PROBE_ATTRIBUTE, probe)
+    name = f"gradq_probe_{len(list(gm.named_parameters()))}"
+    gm.register_parameter(name, probe)
+    # AOTAutograd asks Dynamo where each parameter of a Dynamo graph lives (for its guards):
+    # on the weight, under the probe attribute.
+    if hasattr(gm, "_param_name_to_source"):
+        weight_source = _placeholder(weight).meta["grapharg"].source
+        gm._param_name_to_source[name] = AttrSource(weight_source, stats.PROBE_ATTRIBUTE)
+    return gm.graph.get_attr(name)
+
+
+def _placeholder(node: fx.Node) -> fx.Node:
+    while node.op != "placeholder":
+        node = node.args[0]
+    return node
+
+
+def _replacement(gm: fx.GraphModule, node: fx.Node, decision: Decision, config: GradQConfig):
     """(function, args, kwargs) of the gradq call that replaces `node`."""
     arguments = _arguments(node)
-    if decision.kind is Kind.LINEAR and "weight" in arguments:
+    if decision.kind is Kind.LINEAR:  # F.linear(x, W, b), or matmul(x, W) with W [K, N]
         site = site_for(decision.module, config, right_is_weight=True)
-        return (
-            ops.quantized_linear,
-            (arguments["input"], arguments["weight"]),
-            {
-                "bias": arguments.get("bias"),
-                "site": site,
-            },
-        )
-    if decision.kind is Kind.LINEAR:  # matmul(x, W) with W a parameter [K, N]
-        site = site_for(decision.module, config, right_is_weight=True)
-        return ops.quantized_matmul, (arguments["input"], arguments["other"]), {"site": site}
+        if "weight" in arguments:
+            probe = _probe(gm, arguments["weight"], site, config)
+            args = (arguments["input"], arguments["weight"], arguments.get("bias"))
+            return ops.quantized_linear, args, {"site": site, "probe": probe}
+        probe = _probe(gm, arguments["other"], site, config)
+        args = (arguments["input"], arguments["other"])
+        return ops.quantized_matmul, args, {"site": site, "probe": probe}
     if decision.kind is Kind.MATMUL:
         site = site_for(f"{decision.module}[{node.name}]", config, right_is_weight=False)
         return ops.quantized_matmul, (arguments["input"], arguments["other"]), {"site": site}
@@ -94,8 +122,8 @@ def run(gm: fx.GraphModule, config: GradQConfig) -> int:
         decision = node.meta.get("gradq")
         if decision is None or not decision.quantize:
             continue
-        function, args, kwargs = _replacement(node, decision, config)
-        with gm.graph.inserting_after(node):
+        with gm.graph.inserting_before(node):
+            function, args, kwargs = _replacement(gm, node, decision, config)
             new = gm.graph.call_function(function, args, kwargs)
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)

@@ -169,21 +169,25 @@ def test_bad_options_raise_clear_errors():
 @pytest.mark.slow
 def test_inductor_matches_reference_dynamic_shapes_and_inference():
     model = mlp()
-    compiled = torch.compile(model, backend="gradq", dynamic=True, fullgraph=True)
+    # 197 tokens, then M = 5 <= 16 (a shape cuBLAS's int8 GEMM refuses).
+    inputs = [torch.randn(rows, 37) for rows in (197, 5)]
     reference = torch.compile(model, backend="gradq_eager", dynamic=True, fullgraph=True)
-    # 197 tokens, then M = 5 <= 16 (a shape cuBLAS's int8 GEMM refuses), same graph.
-    for rows in (197, 5):
-        x = torch.randn(rows, 37)
-        _, ref_dx, ref_dw = step(model, x, None)
-        out, dx, dw = step(compiled, x, None)
-        expected_out, expected_dx, expected_dw = step(reference, x, None)
+    expected = [step(reference, x) for x in inputs]
+    # gradq's rewrite and numerics specialise no size: one graph serves both. (Inductor's
+    # own CPU GEMM templates may still recompile for small M; that is not asserted.)
+    assert counters["stats"]["unique_graphs"] == 1
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="gradq", dynamic=True, fullgraph=True)
+    for x, (expected_out, expected_dx, expected_dw) in zip(inputs, expected, strict=True):
+        _, _, float_dw = step(model, x)
+        out, dx, dw = step(compiled, x)
         # Inductor may fuse float math differently, moving a value across a rounding
         # boundary now and then; otherwise it computes the same integers and scales.
         assert sqnr_db(expected_out, out) > 50
         assert sqnr_db(expected_dx, dx) > 50
         assert min_weight_sqnr(expected_dw, dw) > 50
-        assert min_weight_sqnr(ref_dw, dw) > 27
-    assert counters["stats"]["unique_graphs"] == 2  # one per backend: no recompile for M=5
+        assert min_weight_sqnr(float_dw, dw) > 27
     with torch.no_grad():
         x = torch.randn(197, 37)
         assert sqnr_db(model(x), compiled(x)) > 32
@@ -246,7 +250,7 @@ def test_deit_training_with_inductor_tracks_float_and_learns():
             losses[name].append(loss.item())
 
     # Measured (torch 2.14.1, CPU): float 2.518, 0.939, 0.370, 0.234, 0.186, 0.158 and gradq
-    # 2.519, 0.937, 0.370, 0.233, 0.186, 0.158: at most 0.4% apart at any step.
+    # 2.519, 0.939, 0.370, 0.233, 0.186, 0.158: at most 0.4% apart at any step.
     for float_loss, gradq_loss in zip(losses["float"], losses["gradq"], strict=True):
         assert abs(float_loss - gradq_loss) < 0.03 * float_loss + 0.005
     assert losses["gradq"][-1] < 0.5 * losses["gradq"][0]

@@ -47,7 +47,7 @@ def _key_table():
         [member.value for member in Clipping],
         lambda c: c.gradient.clipping.value,
     )
-    for flag in ("forward", "dgrad", "wgrad"):
+    for flag in ("forward", "dgrad", "wgrad", "stats"):
         table[flag] = ([True, False], lambda c, f=flag: getattr(c, f))
     table["attention"] = ([member.value for member in Attention], lambda c: c.attention.value)
     for globs in ("include", "exclude"):

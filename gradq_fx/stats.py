@@ -1,0 +1,127 @@
+"""Per-layer gradient quantization statistics, and the adaptive learning rate built on them.
+
+With `GradQConfig.stats` (the default), every quantized Linear weight carries a probe: a [3]
+parameter that gradq's backward fills with [cos(g, g_q), ||g - g_q||^2 / ||g||^2, 1] for
+the output gradient g as its wgrad GEMM quantizes it. The statistics arrive as the probe's
+`.grad`, on the device, summed over backward passes: reading them needs no host sync.
+
+    model = torch.compile(model, backend="gradq")
+    optimizer = torch.optim.AdamW(gradq_fx.stats.param_groups(model), lr=1e-3)
+    adaptive = gradq_fx.stats.AdaptiveLR(optimizer)
+    for x, y in data:
+        optimizer.zero_grad()
+        loss_fn(model(x), y).backward()
+        adaptive.step()       # optimizer.step() with per-layer lr from this step's statistics
+        scheduler.step()      # optional: it sees and sets the unscaled lr
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+# The attribute of a weight Parameter that holds its probe (set by gradq's rewrite).
+PROBE_ATTRIBUTE = "gradq_stats_probe"
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerStats:
+    """Means over the backward passes since the last reset (0-d tensors on the device)."""
+
+    cosine: torch.Tensor
+    relative_error: torch.Tensor
+    steps: torch.Tensor
+
+
+def probe_of(parameter: torch.nn.Parameter) -> torch.nn.Parameter | None:
+    return getattr(parameter, PROBE_ATTRIBUTE, None)
+
+
+def stats(model: torch.nn.Module) -> dict[str, LayerStats]:
+    """The latest statistics of each quantized layer, by module path (after a backward)."""
+    out = {}
+    for name, parameter in model.named_parameters():
+        probe = probe_of(parameter)
+        if probe is None or probe.grad is None:
+            continue
+        total = probe.grad
+        steps = total[2].clamp_min(1.0)
+        module = name.removeprefix("_orig_mod.").removesuffix(".weight")
+        out[module] = LayerStats(total[0] / steps, total[1] / steps, total[2])
+    return out
+
+
+def reset_stats(model: torch.nn.Module) -> None:
+    for parameter in model.parameters():
+        probe = probe_of(parameter)
+        if probe is not None:
+            probe.grad = None
+
+
+def param_groups(model: torch.nn.Module) -> list[dict]:
+    """One optimizer parameter group per nn.Linear (weight and bias), one for the rest.
+
+    AdaptiveLR gives each group holding a quantized weight its own learning rate.
+    """
+    groups, seen = [], set()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            params = [p for p in module.parameters(recurse=False) if p.requires_grad]
+            groups.append({"params": params})
+            seen.update(id(p) for p in params)
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
+    return [g for g in groups if g["params"]] + ([{"params": rest}] if rest else [])
+
+
+class AdaptiveLR:
+    """Scales each quantized layer's learning rate by max(exp(-alpha * d), floor).
+
+    d = 1 - cos(g, g_q) is the cosine distance of the layer's quantized gradient (the rule of
+    Zhu et al., CVPR 2020, that method.md takes as GradQ-ViT's default: alpha = 20, floor
+    0.1). The factor is computed on the device and the group's lr is a 0-d tensor during the
+    step, so `step()` synchronises nothing itself; optimizers take tensor learning rates (on
+    CUDA, torch's foreach AdamW may read one on the host: prefer fused=True there).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, alpha: float = 20.0, floor: float = 0.1):
+        if not (isinstance(alpha, (int, float)) and alpha >= 0 and math.isfinite(alpha)):
+            raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
+        if not (isinstance(floor, (int, float)) and 0 < floor <= 1):
+            raise ValueError(f"floor must be in (0, 1], got {floor!r}")
+        self.optimizer, self.alpha, self.floor = optimizer, float(alpha), float(floor)
+        self.factors: dict[int, torch.Tensor] = {}  # group index -> the last factor applied
+
+    def _probe(self, group: dict) -> torch.nn.Parameter | None:
+        probes = [probe for p in group["params"] if (probe := probe_of(p)) is not None]
+        if len(probes) > 1:
+            raise ValueError(
+                "AdaptiveLR needs each quantized layer in its own parameter group; build the "
+                "optimizer from gradq_fx.stats.param_groups(model)"
+            )
+        return probes[0] if probes else None
+
+    def factor(self, cosine: torch.Tensor) -> torch.Tensor:
+        return torch.exp(-self.alpha * (1.0 - cosine)).clamp_min(self.floor)
+
+    def step(self, closure=None):
+        """optimizer.step() with each quantized group's lr scaled by its factor, then reset the
+        statistics. The groups' own lr values are restored afterwards, so schedulers never see
+        the scaled ones."""
+        scaled = []
+        for index, group in enumerate(self.optimizer.param_groups):
+            probe = self._probe(group)
+            if probe is None or probe.grad is None:
+                continue
+            total = probe.grad
+            factor = self.factor(total[0] / total[2].clamp_min(1.0))
+            scaled.append((group, group["lr"]))
+            group["lr"] = factor * group["lr"]
+            self.factors[index] = factor
+            probe.grad = None
+        try:
+            return self.optimizer.step(closure)
+        finally:
+            for group, lr in scaled:
+                group["lr"] = lr

@@ -1,0 +1,130 @@
+"""Per-layer gradient statistics and the adaptive learning rate, against direct computations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gradq_fx import quantizer, stats
+from gradq_fx.config import GradQConfig
+from gradq_fx.ops import quantized_linear
+from gradq_fx.passes.rewrite import site_for
+from tests.conftest import tiny_model
+
+
+def direct_stats(g: torch.Tensor, restored: torch.Tensor) -> tuple[float, float]:
+    g, r = g.double(), restored.double()
+    cosine = (g * r).sum() / (g.norm() * r.norm())
+    return cosine.item(), ((g - r).square().sum() / g.square().sum()).item()
+
+
+def test_quantization_stats_match_direct_formulas():
+    torch.manual_seed(0)
+    g = torch.randn(197, 37) * torch.rand(197, 37).pow(6)
+    spec = GradQConfig().gradient
+    cosine, error, one = quantizer.quantization_stats(g, spec, dim=-2).tolist()
+    expected = direct_stats(g, quantizer.dequantize(*quantizer.quantize(g, spec, dim=-2)))
+    assert cosine == pytest.approx(expected[0], abs=1e-6)
+    assert error == pytest.approx(expected[1], rel=1e-4)
+    assert one == 1.0
+    assert 0.99 < cosine < 1.0 and 0 < error < 0.02
+    zero = quantizer.quantization_stats(torch.zeros(5, 3), spec, dim=-2).tolist()
+    assert zero == [1.0, 0.0, 1.0]
+
+
+def test_probe_gradient_is_the_wgrad_gradient_statistics():
+    torch.manual_seed(1)
+    config = GradQConfig()
+    site = site_for("fc", config, right_is_weight=True)
+    x = torch.randn(3, 197, 37)
+    weight = torch.randn(11, 37, requires_grad=True)
+    probe = torch.zeros(3, requires_grad=True)
+    out = quantized_linear(x, weight, None, site, probe)
+    captured = []
+    out.register_hook(captured.append)
+    (out.square().sum() * 0.5).backward()
+
+    grad_out = captured[0].reshape(-1, 11)  # dY as the wgrad GEMM sees it: [M, N]
+    restored = quantizer.dequantize(*quantizer.quantize(grad_out, config.gradient, dim=-2))
+    cosine, error = direct_stats(grad_out, restored)
+    assert probe.grad.tolist() == pytest.approx([cosine, error, 1.0], rel=1e-4, abs=1e-6)
+
+
+def test_stats_of_a_compiled_model_cover_every_linear_and_accumulate():
+    model, size = tiny_model("deit_tiny_patch16_224")
+    compiled = torch.compile(model, backend="gradq_eager")
+    x = torch.randn(2, 3, size, size)
+    for _ in range(2):
+        compiled(x).square().mean().backward()
+    found = stats.stats(model)
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert set(found) == linears
+    for layer in found.values():
+        assert layer.steps.item() == 2.0
+        assert 0.99 < layer.cosine.item() <= 1.0
+        assert 0 <= layer.relative_error.item() < 0.02
+    stats.reset_stats(model)
+    assert stats.stats(model) == {}
+
+
+def test_no_probes_without_stats_or_wgrad():
+    for options in ({"stats": False}, {"wgrad": False}):
+        torch._dynamo.reset()
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 3))
+        torch.compile(model, backend="gradq_eager", options=options)(
+            torch.randn(4, 8)
+        ).sum().backward()
+        assert stats.stats(model) == {}
+        assert all(stats.probe_of(p) is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("cosine", [1.0, 0.999, 0.99, 0.95, 0.5, 0.0])
+def test_factor_follows_the_rule(cosine):
+    adaptive = stats.AdaptiveLR(torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1))
+    expected = max(math.exp(-20.0 * (1.0 - cosine)), 0.1)
+    factor = adaptive.factor(torch.tensor(cosine, dtype=torch.float64)).item()
+    assert factor == pytest.approx(expected, rel=1e-12)
+
+
+def test_step_scales_each_group_and_restores_its_lr():
+    quantized = torch.nn.Parameter(torch.ones(4))
+    other = torch.nn.Parameter(torch.ones(4))
+    probe = torch.nn.Parameter(torch.zeros(3))
+    setattr(quantized, stats.PROBE_ATTRIBUTE, probe)
+    optimizer = torch.optim.SGD([{"params": [quantized]}, {"params": [other]}], lr=0.5)
+    adaptive = stats.AdaptiveLR(optimizer, alpha=20.0, floor=0.1)
+
+    quantized.grad, other.grad = torch.ones(4), torch.ones(4)
+    probe.grad = torch.tensor([1.98, 0.02, 2.0])  # two backward passes, mean cosine 0.99
+    adaptive.step()
+
+    factor = math.exp(-20.0 * 0.01)
+    torch.testing.assert_close(quantized.detach(), torch.full((4,), 1 - 0.5 * factor))
+    torch.testing.assert_close(other.detach(), torch.full((4,), 0.5))
+    assert [g["lr"] for g in optimizer.param_groups] == [0.5, 0.5]  # restored, floats
+    assert probe.grad is None  # statistics consumed
+    assert adaptive.factors[0].item() == pytest.approx(factor, rel=1e-6)
+
+
+def test_bad_use_raises():
+    a, b = torch.nn.Parameter(torch.ones(1)), torch.nn.Parameter(torch.ones(1))
+    for p in (a, b):
+        setattr(p, stats.PROBE_ATTRIBUTE, torch.nn.Parameter(torch.ones(3)))
+        stats.probe_of(p).grad = torch.ones(3)
+    adaptive = stats.AdaptiveLR(torch.optim.SGD([a, b], lr=0.1))
+    with pytest.raises(ValueError, match="own parameter group"):
+        adaptive.step()
+    with pytest.raises(ValueError, match="alpha"):
+        stats.AdaptiveLR(adaptive.optimizer, alpha=-1)
+    with pytest.raises(ValueError, match="floor"):
+        stats.AdaptiveLR(adaptive.optimizer, floor=0)
+
+
+def test_param_groups_put_each_linear_alone():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+    groups = stats.param_groups(model)
+    assert [len(g["params"]) for g in groups] == [2, 2, 2]
+    assert groups[0]["params"][0] is model[0].weight and groups[1]["params"][0] is model[2].weight
+    assert {id(p) for g in groups for p in g["params"]} == {id(p) for p in model.parameters()}
