@@ -31,10 +31,13 @@ class Rounding(enum.Enum):
 
 
 class Clipping(enum.Enum):
-    """How the clipping value (the largest representable magnitude) is chosen."""
+    """How the quantization grid is chosen: a clipping value for the uniform grid, or IQS."""
 
     MINMAX = "minmax"  # absmax of the slice
     IQR = "iqr"  # fence Q3 + k*IQR of |x|, k picked for the best cosine (method.md item 1)
+    # GradQ-ViT's non-uniform 256-level codebook (method.md item 1). No INT8 GEMM can take
+    # it: GEMMs with an IQS operand are simulated (decoded operands, float GEMM).
+    IQS = "iqs"
 
 
 class Attention(enum.Enum):

@@ -127,8 +127,11 @@ def quantize(x: torch.Tensor, spec: QuantSpec, dim: int) -> tuple[torch.Tensor, 
     """Quantize x with one scale per slice along `dim` (the contracted dimension).
 
     Returns (q, scale): q int8 with x's shape, scale float32 broadcastable against x (size 1
-    along `dim`, and along every dimension for per_tensor).
+    along `dim`, and along every dimension for per_tensor). IQS has no integer form: see
+    `simulate`.
     """
+    if spec.clipping is Clipping.IQS:
+        raise ValueError("quantize: the IQS codebook has no integer form; use simulate()")
     per_row = spec.granularity is Granularity.PER_ROW
     x32 = x.float()
     rows = _as_rows(x32, dim, per_row)
@@ -157,12 +160,61 @@ def quantization_stats(x: torch.Tensor, spec: QuantSpec, dim: int) -> torch.Tens
     totals and the number of steps. An all-zero x counts as cosine 1, error 0.
     """
     x32 = x.float()
-    restored = dequantize(*quantize(x, spec, dim))
+    restored = simulate(x, spec, dim)
     norms = x32.norm() * restored.norm()
     energy = x32.square().sum()
     cosine = torch.where(norms > 0, (x32 * restored).sum() / norms, 1.0)
     error = torch.where(energy > 0, (x32 - restored).square().sum() / energy, 0.0)
     return torch.stack([cosine, error, torch.ones_like(cosine)])
+
+
+# IQS: 16 logarithmic levels inside [Q1, Q3] (8 per sign, halving from the quartile down),
+# and 240 uniform levels over the two outlier regions, split in proportion to how many values
+# lie beyond each quartile. Our reading of a secondary summary (method.md item 1).
+_IQS_CENTRAL_PER_SIGN = 8
+_IQS_OUTER = 240
+
+
+def iqs_codebook(rows: torch.Tensor) -> torch.Tensor:
+    """The IQS levels of each row of `rows` ([R, C] float32) -> [R, 256], ascending.
+
+    Quartiles are exact (kthvalue), which is fine for a simulated accuracy-study path.
+    """
+    count = rows.shape[1]
+    q1 = rows.kthvalue(max(1, (count + 3) // 4), dim=1).values[:, None]
+    q3 = rows.kthvalue(max(1, (3 * count + 3) // 4), dim=1).values[:, None]
+    low, high = rows.amin(dim=1, keepdim=True), rows.amax(dim=1, keepdim=True)
+    halvings = torch.exp2(-torch.arange(_IQS_CENTRAL_PER_SIGN, device=rows.device).float())
+    central = torch.cat([q3.clamp_min(0) * halvings, q1.clamp_max(0) * halvings], dim=1)
+    above = (rows > q3).sum(dim=1, keepdim=True).float()
+    below = (rows < q1).sum(dim=1, keepdim=True).float()
+    n_above = torch.round(_IQS_OUTER * above / (above + below).clamp_min(1.0))
+    n_below = _IQS_OUTER - n_above
+    slot = torch.arange(1, _IQS_OUTER + 1, device=rows.device).float()[None, :]
+    upper = q3 + (high - q3) * slot / n_above.clamp_min(1.0)
+    lower = q1 - (q1 - low) * (slot - n_above) / n_below.clamp_min(1.0)
+    outer = torch.where(slot <= n_above, upper, lower)
+    return torch.cat([central, outer], dim=1).sort(dim=1).values
+
+
+def iqs_simulate(x: torch.Tensor, dim: int, per_row: bool) -> torch.Tensor:
+    """x rounded to the nearest level of its IQS codebook (float32, x's shape)."""
+    x32 = x.float()
+    rows = _as_rows(x32, dim, per_row)
+    levels = iqs_codebook(rows)
+    midpoints = (levels[:, 1:] + levels[:, :-1]) / 2
+    index = torch.searchsorted(midpoints, rows.contiguous())
+    nearest = levels.gather(1, index)
+    if not per_row:
+        return nearest.reshape(x32.shape)
+    return nearest.reshape(x32.movedim(dim, -1).shape).movedim(-1, dim)
+
+
+def simulate(x: torch.Tensor, spec: QuantSpec, dim: int) -> torch.Tensor:
+    """What the GEMM sees of x after quantization, in float32 (any clipping, IQS included)."""
+    if spec.clipping is Clipping.IQS:
+        return iqs_simulate(x, dim, spec.granularity is Granularity.PER_ROW)
+    return dequantize(*quantize(x, spec, dim))
 
 
 def quantized_matmul(
@@ -172,11 +224,16 @@ def quantized_matmul(
     b_spec: QuantSpec,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """a @ b with both operands quantized (module docstring); output in a's dtype."""
-    a_q, a_scale = quantize(a, a_spec, dim=-1)
-    b_q, b_scale = quantize(b, b_spec, dim=-2)
-    acc = int8_gemm(a_q, b_q)
-    out = acc.float() * a_scale * b_scale
+    """a @ b with both operands quantized (module docstring); output in a's dtype.
+
+    With an IQS operand the GEMM is simulated: both operands decoded, float32 GEMM.
+    """
+    if Clipping.IQS in (a_spec.clipping, b_spec.clipping):
+        out = torch.matmul(simulate(a, a_spec, dim=-1), simulate(b, b_spec, dim=-2))
+    else:
+        a_q, a_scale = quantize(a, a_spec, dim=-1)
+        b_q, b_scale = quantize(b, b_spec, dim=-2)
+        out = int8_gemm(a_q, b_q).float() * a_scale * b_scale
     if bias is not None:
         out = out + bias.float()
     return out.to(a.dtype)

@@ -28,7 +28,7 @@ from torch.utils.flop_counter import flop_registry
 from gradq_fx.backend import prepare, to_config
 from gradq_fx.config import GradQConfig, QuantSpec, Role
 from gradq_fx.passes.annotate import Decision, module_path
-from gradq_fx.passes.lower import lowering_of
+from gradq_fx.passes.lower import FLOAT_LOWERING, SIMULATED_LOWERING, lowering_of
 
 aten = torch.ops.aten
 
@@ -47,6 +47,13 @@ _PASSTHROUGH = {
     aten.clone, aten.contiguous, aten.expand, aten.squeeze, aten.unsqueeze, aten.alias,
     aten._to_copy, torch.ops.prims.convert_element_type,
 }  # fmt: skip
+
+
+# gradq GEMMs that do not run in INT8, and the reason the report gives.
+_NOT_INT8 = {
+    FLOAT_LOWERING: "{role} disabled by config ({role}=False)",
+    SIMULATED_LOWERING: "IQS codebook: simulated (decoded operands, float GEMM)",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +89,7 @@ class Report:
 
     @property
     def int8_gemms(self) -> tuple[GemmRow, ...]:
-        return tuple(row for row in self.gemms if row.a_spec and row.b_spec)
+        return tuple(row for row in self.gemms if row.lowering not in _NOT_INT8)
 
     def coverage(self) -> dict[str, dict[str, float]]:
         """Per role and in total: GEMM FLOPs in INT8, all matmul-like FLOPs, and their ratio."""
@@ -322,8 +329,8 @@ def analyse(captured: list[_Captured], config: GradQConfig, training: bool) -> R
                     lowering_of(a_spec, b_spec), _flops(node), facts.roles_of(node)[0][0],
                 )  # fmt: skip
                 gemms.append(row)
-                if not (a_spec and b_spec):
-                    reason = f"{role} disabled by config ({role}=False)"
+                if row.lowering in _NOT_INT8:
+                    reason = _NOT_INT8[row.lowering].format(role=role)
                     float_ops.append(FloatOp(graph, role, "gradq.mm", module, row.flops, reason))
                 continue
             module = module_path(node)

@@ -33,14 +33,19 @@ from torch._inductor.pattern_matcher import (
 
 import gradq_fx
 from gradq_fx import kernels, ops
+from gradq_fx.config import Clipping, QuantSpec
 
 # What a gradq.mm is lowered to, as the report names it. The Triton lowerings come later.
 REFERENCE_LOWERING = "reference"  # torch quantizer + exact int8 GEMM, compiled by Inductor
+SIMULATED_LOWERING = "simulated"  # IQS operand: decoded operands, float GEMM
 FLOAT_LOWERING = "float matmul"
 
 
 def lowering_of(a_spec: str, b_spec: str) -> str:
-    return REFERENCE_LOWERING if a_spec and b_spec else FLOAT_LOWERING
+    if not (a_spec and b_spec):
+        return FLOAT_LOWERING
+    iqs = Clipping.IQS in (QuantSpec.decode(a_spec).clipping, QuantSpec.decode(b_spec).clipping)
+    return SIMULATED_LOWERING if iqs else REFERENCE_LOWERING
 
 
 @functools.cache

@@ -18,6 +18,8 @@ from gradq_fx import quantizer
 from gradq_fx.config import Clipping, Granularity, QuantSpec, Rounding
 
 PER_TENSOR, PER_ROW = Granularity.PER_TENSOR, Granularity.PER_ROW
+# The clippings with an integer form (IQS, the non-uniform codebook, is tested on its own).
+UNIFORM_CLIPPINGS = (Clipping.MINMAX, Clipping.IQR)
 
 
 def spec_of(bits=8, granularity=PER_ROW, rounding=Rounding.NEAREST, clipping=Clipping.MINMAX):
@@ -332,7 +334,7 @@ CLIP_INPUTS = _clip_inputs()
 def test_iqr_cosine_never_below_minmax(name, bits, granularity):
     x = CLIP_INPUTS[name]
     restored = {}
-    for clipping in Clipping:
+    for clipping in UNIFORM_CLIPPINGS:
         q, scale = quantizer.quantize(x, spec_of(bits, granularity, clipping=clipping), dim=-1)
         restored[clipping] = quantizer.dequantize(q, scale)
     dim = 1 if granularity is PER_ROW else None
@@ -366,7 +368,7 @@ def test_clip_value_bounded_by_absmax(name, bits):
 def test_iqr_beats_minmax_sqnr_with_outliers(shape, bits, amplitude, margin_db):
     x = _with_outliers(shape, 8, amplitude, seed=3)
     sqnr = {}
-    for clipping in Clipping:
+    for clipping in UNIFORM_CLIPPINGS:
         spec = spec_of(bits, PER_TENSOR, clipping=clipping)
         q, scale = quantizer.quantize(x, spec, dim=-1)
         sqnr[clipping] = sqnr64(x, quantizer.dequantize(q, scale))
@@ -431,7 +433,7 @@ def test_iqr_keeps_magnitude_where_clipping_cannot_help(make):
     # The chosen clip must still keep the row's magnitude.
     x, bits = make()
     per_row_sqnr = {}
-    for clipping in Clipping:
+    for clipping in UNIFORM_CLIPPINGS:
         q, scale = quantizer.quantize(x, spec_of(bits, PER_ROW, clipping=clipping), dim=-1)
         restored = quantizer.dequantize(q, scale).double()
         per_row_sqnr[clipping] = [sqnr64(x[i], restored[i]) for i in range(x.shape[0])]
@@ -442,7 +444,7 @@ def test_iqr_keeps_magnitude_where_clipping_cannot_help(make):
 
 # --------------------------------------------------------------------------- quantized_matmul
 
-COMBOS = list(itertools.product([PER_TENSOR, PER_ROW], Clipping, Rounding))
+COMBOS = list(itertools.product([PER_TENSOR, PER_ROW], UNIFORM_CLIPPINGS, Rounding))
 
 # Floors in dB, about 4 dB under the SQNR measured with seed 0 (lowest over 20 seeds in
 # brackets): 2-D (197,64)x(64,37) and 4-D (2,3,197,16)x(2,3,16,197), 8 bits both operands.
@@ -587,3 +589,61 @@ def test_scaling_gives_the_least_squares_scale(granularity, clipping):
     assert quantizer.sqnr_db(x, quantizer.dequantize(q, scale)) >= quantizer.sqnr_db(
         x, quantizer.dequantize(*quantizer.quantize(x, plain, dim=-1))
     )
+
+
+# --------------------------------------------------------------------------- IQS codebook
+
+
+def test_iqs_codebook_layout():
+    torch.manual_seed(3)
+    rows = torch.randn(4, 401) * torch.rand(4, 401).pow(5)
+    rows[1] = rows[1].abs()  # a row with no negative outliers at all
+    levels = quantizer.iqs_codebook(rows)
+    assert levels.shape == (4, 256)
+    assert bool((levels.diff(dim=1) >= 0).all())
+    for row, level in zip(rows.double(), levels.double(), strict=True):
+        q1, q3 = row.sort().values[[100, 300]]  # 25% and 75% of 401 values (kth 101, 301)
+        central = level[(level >= q1) & (level <= q3)]
+        positive = central[central > 0].sort(descending=True).values
+        # Logarithmic inside the quartiles: each positive level half the one above it.
+        if q3 > 0:
+            assert positive[0].item() == pytest.approx(q3.item(), rel=1e-6)
+            torch.testing.assert_close(positive[1:8] * 2, positive[:7])
+        above, below = (row > q3).sum().item(), (row < q1).sum().item()
+        n_above = round(240 * above / (above + below))
+        assert int((level > q3).sum()) == n_above
+        assert level.max().item() == pytest.approx(row.max().item(), rel=1e-6)
+        if n_above < 240:
+            assert level.min().item() == pytest.approx(row.min().item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("granularity", [PER_TENSOR, PER_ROW])
+def test_iqs_rounds_to_the_nearest_level(granularity):
+    torch.manual_seed(4)
+    x = torch.randn(6, 97) * torch.rand(6, 97).pow(4)
+    spec = QuantSpec(granularity=granularity, clipping=Clipping.IQS)
+    simulated = quantizer.simulate(x, spec, dim=-1)
+    rows = x.reshape(1, -1) if granularity is PER_TENSOR else x
+    levels = quantizer.iqs_codebook(rows)
+    # Brute force: the level closest to each value.
+    nearest = levels.gather(1, (rows[:, :, None] - levels[:, None, :]).abs().argmin(dim=2))
+    torch.testing.assert_close(simulated.reshape(rows.shape), nearest, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="no integer form"):
+        quantizer.quantize(x, spec, dim=-1)
+
+
+def test_iqs_matmul_is_simulated_and_suits_heavy_tails():
+    torch.manual_seed(5)
+    a, b = torch.randn(197, 64), torch.randn(64, 37)
+    gradient_like = a * torch.rand(197, 64).pow(6)  # most values near zero, a few large
+    iqs = QuantSpec(clipping=Clipping.IQS)
+    out = quantizer.quantized_matmul(gradient_like, b, iqs, QuantSpec())
+    expected = quantizer.simulate(gradient_like, iqs, dim=-1)
+    expected = expected @ quantizer.simulate(b, QuantSpec(), dim=-2)
+    torch.testing.assert_close(out, expected)
+    exact = gradient_like.double() @ b.double()
+    uniform = quantizer.quantized_matmul(gradient_like, b, QuantSpec(), QuantSpec())
+    # Measured 40.6 dB (IQS) against 39.2 dB (uniform minmax) on this heavy-tailed operand;
+    # on a Gaussian operand IQS's coarse factor-2 central levels give only 25.6 dB.
+    assert quantizer.sqnr_db(exact, out) > 36
+    assert quantizer.sqnr_db(exact, out) > quantizer.sqnr_db(exact, uniform)

@@ -137,3 +137,17 @@ def test_cli_rejects_bad_input(capsys):
     with pytest.raises(SystemExit):
         main(["report", "--img-size", "32", "--option", "attention=fp4"])
     assert "attention" in capsys.readouterr().err
+
+
+def test_iqs_gradients_are_reported_as_simulated():
+    model = torch.nn.Sequential(torch.nn.Linear(13, 17), torch.nn.GELU(), torch.nn.Linear(17, 5))
+    x = torch.randn(7, 13, requires_grad=True)
+    result = report(model, x, {"gradient_quantizer": "iqs"})
+
+    lowering = {(row.module, row.role): row.lowering for row in result.gemms}
+    assert {lowering[(m, "forward")] for m in ("0", "2")} == {"reference"}
+    assert {lowering[(m, r)] for m in ("0", "2") for r in ("dgrad", "wgrad")} == {"simulated"}
+    simulated = [op for op in result.float_ops if "IQS" in op.reason]
+    assert len(simulated) == 4
+    assert result.coverage()["dgrad"]["int8_flops"] == 0
+    assert result.coverage()["forward"]["ratio"] == 1.0
