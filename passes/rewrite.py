@@ -5,8 +5,10 @@ forward and backward GEMMs are `torch.ops.gradq.mm` nodes labelled with their ro
 joint graph AOTAutograd derives holds the forward, dgrad and wgrad GEMMs of every layer:
 
     before:  linear = torch._C._nn.linear(input=x, weight=w, bias=b)
-    after:   linear = gradq_fx.ops.quantized_linear(x, w, b, GemmSite(module="blocks.0.mlp.fc1",
-                          forward=("8:per_row:..", "8:per_row:.."), dgrad_a=(..), dgrad_b=(..)))
+    after:   gradq_probe_0 = self.gradq_probe_0            (a get_attr; see `_probe`)
+             linear = gradq_fx.ops.quantized_linear(x, w, b, site=("blocks.0.mlp.fc1",
+                          ("8:per_row:..", "8:per_row:.."), (..), (..), "wgrad"),
+                          probe=gradq_probe_0)
 
     before:  sdpa = torch._C._nn.scaled_dot_product_attention(query=q, key=k, value=v, ...)
     after:   sdpa = gradq_fx.ops.quantized_attention(q, k, v, ..., qk_site=.., pv_site=..)
