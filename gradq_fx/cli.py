@@ -1,4 +1,5 @@
-"""`python -m gradq_fx report --model deit_tiny_patch16_224`: what gradq does to a timm model."""
+"""`python -m gradq_fx report`: what gradq does to a timm model; `python -m gradq_fx train`:
+train one (fp32, bf16, or INT8 with gradq) on Fashion-MNIST or your own image folders."""
 
 from __future__ import annotations
 
@@ -66,6 +67,117 @@ def report_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `train`, one per TrainConfig field; defaults come from TrainConfig."""
+    from gradq_fx.train.schedule import OPTIMIZERS
+    from gradq_fx.train.settings import BACKENDS, DEVICES, PRECISIONS, TrainConfig
+
+    d = TrainConfig()
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--data-dir",
+        default=d.data_dir,
+        help="Fashion-MNIST's IDX files (gzipped or not), or an ImageFolder directory with "
+        "train/ and val/ or test/ (default: /usr/share/datasets/fashion-mnist, from "
+        "`apt-get install dataset-fashion-mnist`)",
+    )
+    data.add_argument("--train-subset", type=int, metavar="N", help="first N training images")
+    data.add_argument("--test-subset", type=int, metavar="N", help="first N test images")
+    data.add_argument("--img-size", type=int, default=d.img_size, help="model input size (px)")
+    data.add_argument(
+        "--no-augment", dest="augment", action="store_false", help="no random crops and flips"
+    )
+    data.add_argument("--workers", type=int, default=d.workers, help="data-loading processes")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", default=d.model, help="a timm model name (trained from scratch)")
+    model.add_argument(
+        "--patch-size",
+        type=int,
+        default=d.patch_size,
+        help="timm's patch_size, where the model takes one (default %(default)s)",
+    )
+    model.add_argument("--depth", type=int, help="number of blocks (timm's depth)")
+
+    precision = parser.add_argument_group("precision")
+    precision.add_argument("--precision", choices=PRECISIONS, default=d.precision)
+    precision.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        help="for the INT8 precisions (default: gradq_eager on CPU, gradq on CUDA)",
+    )
+    precision.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        type=parse_option,
+        metavar="KEY=VALUE",
+        help="a gradq option over the precision's, e.g. gradient_bits=6 (repeatable)",
+    )
+    precision.add_argument("--no-iqr", action="store_true", help="gradq: minmax gradient clipping")
+    precision.add_argument(
+        "--no-gradient-scaling", action="store_true", help="gradq: no gradient scaling"
+    )
+    precision.add_argument("--no-ch-loss", action="store_true", help="gradq: plain cross-entropy")
+    precision.add_argument(
+        "--no-adaptive-lr",
+        action="store_true",
+        help="gradq: one learning rate for all layers (and no gradient statistics)",
+    )
+    precision.add_argument(
+        "--compile", action="store_true", help="fp32/bf16: torch.compile with Inductor"
+    )
+
+    optimisation = parser.add_argument_group("optimisation")
+    optimisation.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
+    optimisation.add_argument(
+        "--lr", type=float, help="peak learning rate (default: 1e-3 for adamw, 0.05 for sgd)"
+    )
+    optimisation.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    optimisation.add_argument(
+        "--warmup-epochs",
+        type=float,
+        default=d.warmup_epochs,
+        help="linear warm-up, then cosine decay to 0 (both per step)",
+    )
+    optimisation.add_argument("--epochs", type=int, default=d.epochs)
+    optimisation.add_argument("--batch-size", type=int, default=d.batch_size, help="per process")
+    optimisation.add_argument(
+        "--seed", type=int, default=d.seed, help="weights, data order, augmentation"
+    )
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--device", choices=DEVICES, default=d.device)
+    run.add_argument(
+        "--log-every", type=int, default=d.log_every, metavar="N", help="progress every N steps"
+    )
+    run.add_argument(
+        "--out",
+        default=d.out,
+        metavar="DIR",
+        help="output directory (default: runs/<model>-<precision>-seed<seed>)",
+    )
+    run.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
+    run.add_argument(
+        "--stop-after",
+        type=int,
+        metavar="EPOCH",
+        help="end this run after that epoch (the schedule still spans --epochs)",
+    )
+
+
+def train_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Set up the run (bad settings or missing data: a usage error), then train."""
+    from gradq_fx.train import TrainConfig, Trainer
+
+    try:
+        trainer = Trainer(TrainConfig.from_args(args))
+    except ValueError as error:
+        parser.error(str(error))
+    trainer.fit()
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gradq_fx", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -76,7 +188,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--inference", action="store_true", help="report the inference graph (forward only)"
     )
     report_parser.set_defaults(handler=report_command)
+    train_parser = commands.add_parser(
+        "train", help="train a timm model on Fashion-MNIST (fp32, bf16, int8-naive, gradq)"
+    )
+    _add_train_arguments(train_parser)
     args = parser.parse_args(argv)
+    if args.command == "train":
+        # Only setup errors are usage errors; training itself raises normally.
+        return train_command(args, train_parser)
     try:
         return args.handler(args)
     except ValueError as error:

@@ -8,7 +8,7 @@ the exact int8 GEMM and the dequantize of `gradq_fx.quantizer.quantized_matmul`:
                                      "8:per_row:nearest:iqr", "8:per_row:nearest:minmax",
                                      "dgrad", "blocks.0.mlp.fc1")
     after:   abs = aten.abs(tangent_view); amax = aten.amax(abs, [1], True); ...
-             _int_mm = aten._int_mm(q_a, q_b); ...; mm = aten._to_copy(mul_2, dtype=float32)
+             ... the exact int8 GEMM (kernels/int_mm.py) ...; mm = aten.mul(acc, scales)
 
 The pass is a `CustomGraphPass` whose uuid hashes the source of gradq's numerics and passes,
 so Inductor's FX graph cache and AOTAutograd's cache stay correct when either changes.

@@ -1,0 +1,53 @@
+"""DDP: `torchrun --nproc_per_node 2 -m gradq_fx train` on CPU (gloo); gradq still rewrites."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from gradq_fx.train.distributed import Distributed
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_single_process_collectives_are_identities(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    dist = Distributed.setup("cpu")
+    assert (dist.rank, dist.world_size, dist.is_main, dist.device.type) == (0, 1, True, "cpu")
+    assert dist.all_reduce_sum(torch.tensor([2.0])).item() == 2.0
+    assert dist.all_gather_object("x") == ["x"]
+    model = torch.nn.Linear(2, 2)
+    assert dist.wrap(model) is model
+
+
+def test_torchrun_two_cpu_processes_train_with_gradq(idx_dir, tmp_path):
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    command += ["--standalone", "-m", "gradq_fx", "train", "--precision", "gradq"]
+    command += ["--data-dir", str(idx_dir), "--out", str(out), "--depth", "1"]
+    command += ["--img-size", "16", "--batch-size", "16", "--epochs", "2"]
+    command += ["--train-subset", "64", "--test-subset", "30", "--log-every", "1"]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    finished = subprocess.run(
+        command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=600
+    )
+    assert finished.returncode == 0, finished.stderr[-4000:]
+
+    result = json.loads((out / "result.json").read_text())
+    assert (result["world_size"], result["backend"]) == (2, "gradq_eager")
+    assert result["replicas_in_sync"]  # DDP averaged the gradients, and the layer statistics
+    assert result["gradq_rewritten_ops"] == 5  # qkv, proj, fc1, fc2, head: rewritten under DDP
+    assert result["steps"] == 4  # 64 images / 2 processes / batch 16, two epochs
+    assert result["test_images"] == 30  # the test set split between the ranks, each counted once
+    with open(out / "log.csv", newline="") as file:
+        assert [row["epoch"] for row in csv.DictReader(file)] == ["1", "2"]
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["world_size"] == 2 and len(state["rng"]) == 2
+    # Only rank 0 prints progress: one line per step, not two.
+    assert finished.stderr.count("epoch 1/2 step 1/2:") == 1
