@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from gradq_fx.config import GradQConfig
+from gradq_fx.config import GradQConfig, Lowering
 from gradq_fx.passes import annotate, lower, rewrite
 from gradq_fx.passes.annotate import Decision
 
@@ -32,10 +32,25 @@ def prepare(gm: fx.GraphModule, config: GradQConfig) -> list[Decision]:
     return decisions
 
 
-def inductor_patches(mode: str | None = None) -> dict[str, Any]:
-    """Inductor config for gradq: its joint-graph pass, plus what `mode` asks for."""
+def example_device(example_inputs: Sequence[Any]) -> torch.device:
+    """The device the compiled graph runs on: that of its first tensor input."""
+    for value in example_inputs:
+        if isinstance(value, torch.Tensor):
+            return value.device
+    return torch.device("cpu")
+
+
+def inductor_patches(
+    config: GradQConfig, device: torch.device, mode: str | None = None
+) -> dict[str, Any]:
+    """Inductor config for gradq: its joint-graph pass, plus what `mode` and the lowering ask."""
     patches = dict(torch._inductor.list_mode_options(mode)) if mode else {}
-    patches["joint_custom_post_pass"] = lower.LowerPass()
+    lowering = lower.resolve(config.lowering, device)  # raises for a lowering the device lacks
+    patches["joint_custom_post_pass"] = lower.LowerPass(lowering)
+    if lowering is Lowering.INDUCTOR_TEMPLATE:
+        # Only Inductor's Triton template fuses the dequantize into the int8 GEMM's epilogue
+        # (torch-compile-notes.md); cuBLAS would leave it a separate pass over int32.
+        patches.update(max_autotune_gemm=True, max_autotune_gemm_backends="TRITON")
     return patches
 
 
@@ -48,8 +63,10 @@ def gradq_backend(
     """A TorchDynamo backend: rewrite the graph with gradq's ops, then compile with Inductor."""
     from torch._inductor.compile_fx import compile_fx
 
-    prepare(gm, to_config(options))
-    return compile_fx(gm, example_inputs, config_patches=inductor_patches(mode))
+    config = to_config(options)
+    patches = inductor_patches(config, example_device(example_inputs), mode)
+    prepare(gm, config)
+    return compile_fx(gm, example_inputs, config_patches=patches)
 
 
 def gradq_eager_backend(
@@ -65,10 +82,12 @@ def gradq_eager_backend(
     from torch._functorch.partitioners import default_partition
     from torch._inductor.decomposition import select_decomp_table
 
-    prepare(gm, to_config(options))
+    config = to_config(options)
+    lowering = lower.resolve(config.lowering, example_device(example_inputs))
+    prepare(gm, config)
 
     def lowered(graph: fx.GraphModule) -> fx.GraphModule:
-        lower.run(graph.graph)
+        lower.run(graph.graph, lowering)
         graph.recompile()
         return graph
 

@@ -178,6 +178,15 @@ def train_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     return 0
 
 
+def bench_command(args: argparse.Namespace) -> int:
+    """Run `bench` (step or --kernels mode); bad settings raise ValueError (a usage error)."""
+    import shlex
+
+    from gradq_fx.bench import BenchConfig, run
+
+    return run(BenchConfig.from_args(args), command="python -m gradq_fx " + shlex.join(args.argv))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gradq_fx", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -192,6 +201,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "train", help="train a timm model on Fashion-MNIST (fp32, bf16, int8-naive, gradq)"
     )
     _add_train_arguments(train_parser)
+    bench_parser = commands.add_parser(
+        "bench",
+        help="time a training step in fp32, bf16, bf16 + Inductor and gradq (or, with "
+        "--kernels, the model's GEMMs alone)",
+    )
+    from gradq_fx import bench
+
+    bench.add_arguments(bench_parser)
+    bench_parser.set_defaults(
+        handler=bench_command, argv=list(sys.argv[1:] if argv is None else argv)
+    )
     args = parser.parse_args(argv)
     if args.command == "train":
         # Only setup errors are usage errors; training itself raises normally.

@@ -45,6 +45,22 @@ class Attention(enum.Enum):
     INT8 = "int8"  # QK^T and PV quantized too; softmax stays in float
 
 
+class Lowering(enum.Enum):
+    """What each quantized GEMM of the joint graph becomes (`gradq_fx.passes.lower`)."""
+
+    AUTO = "auto"  # triton on CUDA (when triton imports), reference elsewhere
+    # The pure-torch numerics of `quantizer.quantized_matmul`, compiled by Inductor (on CUDA
+    # through cuBLAS `_int_mm`; Inductor fuses the quantize and dequantize around it).
+    REFERENCE = "reference"
+    # The same graph, with Inductor's own Triton `_int_mm` template forced (max-autotune GEMM,
+    # Triton backend only) so the dequantize can fuse into its epilogue. CUDA only.
+    INDUCTOR_TEMPLATE = "inductor_template"
+    # gradq's fused Triton kernels (kernels/quantize.py, kernels/gemm.py) as custom ops:
+    # quantize in one pass per operand, dequantize and bias in the GEMM's epilogue. On a
+    # CPU tensor the ops run their pure-torch reference (bit-identical results).
+    TRITON = "triton"
+
+
 class Role(enum.Enum):
     FORWARD = "forward"
     DGRAD = "dgrad"  # gradient of an activation (for attention: of either operand)
@@ -116,9 +132,15 @@ class GradQConfig:
       `scaling`, which restores the magnitude that clipping takes away.
     - all three GEMMs quantized; attention kept in float (timm's fused SDPA unchanged);
       every Linear included (`include=("*",)`, `exclude=()`).
+    - `convolutions`: the 2-D convolutions that are GEMMs (1x1 kernels, and patchify kernels
+      whose stride equals their size, without padding) are quantized like Linears; every
+      other convolution stays float, and the report says why (`passes.annotate`).
     - `stats`: each quantized Linear records how well its wgrad gradient survives quantization
       (cosine, relative error; `gradq_fx.stats`), which the adaptive learning rate reads. It
       costs one more quantization of dY on the reference path.
+    - `lowering` auto: gradq's fused Triton kernels on CUDA. On an H100 a hand-written Triton
+      INT8 GEMM with the scales in its epilogue ran at 1.10x to 1.26x of bf16 where Inductor's
+      own lowering of the same numerics ran at 0.34x to 0.50x (torch-compile-notes.md).
     """
 
     weight: QuantSpec = QuantSpec()
@@ -131,16 +153,20 @@ class GradQConfig:
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
     stats: bool = True
+    lowering: Lowering = Lowering.AUTO
+    convolutions: bool = True
 
     def __post_init__(self):
         for name in ("weight", "activation", "gradient"):
             if not isinstance(getattr(self, name), QuantSpec):
                 raise ValueError(f"{name} must be a QuantSpec, got {getattr(self, name)!r}")
-        for name in ("forward", "dgrad", "wgrad", "stats"):
+        for name in ("forward", "dgrad", "wgrad", "stats", "convolutions"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.attention, Attention):
             raise ValueError(f"attention must be an Attention, got {self.attention!r}")
+        if not isinstance(self.lowering, Lowering):
+            raise ValueError(f"lowering must be a Lowering, got {self.lowering!r}")
         for name in ("include", "exclude"):
             value = getattr(self, name)
             if not isinstance(value, tuple) or not all(isinstance(p, str) for p in value):
@@ -177,6 +203,8 @@ class GradQConfig:
         out.update(attention=self.attention.value, include=list(self.include))
         out["exclude"] = list(self.exclude)
         out["stats"] = self.stats
+        out["lowering"] = self.lowering.value
+        out["convolutions"] = self.convolutions
         return out
 
 
@@ -231,6 +259,10 @@ def _set_attention(config: GradQConfig, key: str, value: Any) -> GradQConfig:
     return dataclasses.replace(config, attention=_choice(Attention, key, value))
 
 
+def _set_lowering(config: GradQConfig, key: str, value: Any) -> GradQConfig:
+    return dataclasses.replace(config, lowering=_choice(Lowering, key, value))
+
+
 def _set_gradient_quantizer(config: GradQConfig, key: str, value: Any) -> GradQConfig:
     clipping = _choice(Clipping, key, value)
     return dataclasses.replace(
@@ -256,7 +288,9 @@ OPTIONS = {
     "dgrad": _set_bool,
     "wgrad": _set_bool,
     "stats": _set_bool,
+    "convolutions": _set_bool,
     "attention": _set_attention,
+    "lowering": _set_lowering,
     "include": _set_globs,
     "exclude": _set_globs,
 }

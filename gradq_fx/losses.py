@@ -60,3 +60,47 @@ class CHLoss(torch.nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return ch_loss(logits, target, self.delta, self.huber_delta)
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_probs: torch.Tensor,
+    target: torch.Tensor | None = None,
+    alpha: float = 1.0,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Knowledge distillation: alpha * T^2 * soft CE + (1 - alpha) * CE(student, target).
+
+    soft CE = -sum_c p_c log softmax(z / T)_c, averaged over the batch, with p the teacher's
+    probabilities [B, C] (rows summing to 1; from a live teacher or a precomputed table,
+    `gradq_fx.qat.distill.TeacherTable`). They carry no gradient. With T != 1 they are
+    softened as p^(1/T), renormalised: softmax(teacher_logits / T), the same as Hinton's
+    temperature applied to the teacher's logits. The T^2 factor keeps the soft term's gradient
+    magnitude independent of T (Hinton et al.). Soft cross-entropy rather than KL divergence,
+    as the Quantization Variation code: they differ by the teacher's entropy, a constant, so
+    the gradients are the same.
+
+    alpha = 1 (the default, and the official code's choice) is pure distillation and needs no
+    target; alpha < 1 blends in the hard-label cross-entropy. Computed in float32.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature!r}")
+    if student_logits.dim() != 2 or teacher_probs.shape != student_logits.shape:
+        raise ValueError(
+            f"kd_loss takes student logits and teacher probabilities [B, C], got "
+            f"{tuple(student_logits.shape)} and {tuple(teacher_probs.shape)}"
+        )
+    if alpha < 1.0 and (target is None or target.shape != student_logits.shape[:1]):
+        raise ValueError("kd_loss with alpha < 1 needs class indices [B] as target")
+    logits = student_logits.float()
+    probs = teacher_probs.detach().float()
+    if temperature != 1.0:
+        probs = probs.pow(1.0 / temperature)
+        probs = probs / probs.sum(dim=1, keepdim=True)
+    log_probs = (logits / temperature).log_softmax(dim=1)
+    soft = -(probs * log_probs).sum(dim=1).mean() * temperature**2
+    if alpha == 1.0:
+        return soft
+    return alpha * soft + (1.0 - alpha) * F.cross_entropy(logits, target)

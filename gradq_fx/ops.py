@@ -3,11 +3,13 @@
 `torch.ops.gradq.mm` is one GEMM of a known role (forward / dgrad / wgrad) and module, with
 the quantization of each operand spelled out as a `QuantSpec.encode()` string ("" = float).
 It is opaque to AOTAutograd, so the joint graph holds one such node per GEMM of the training
-step, labelled; the joint-graph pass `gradq_fx.passes.lower` then replaces each by the
-reference numerics (`gradq_fx.quantizer.quantized_matmul`) for Inductor to compile.
+step, labelled; the joint-graph pass `gradq_fx.passes.lower` then replaces each by
+`mm_reference` (the numerics of `gradq_fx.quantizer.quantized_matmul`) or `mm_triton` (the
+same numerics through gradq's fused kernels) for Inductor to compile.
 
-`quantized_linear` and `quantized_matmul` are what the Dynamo-level rewrite calls in place of
-`F.linear` and `torch.matmul`: autograd functions whose forward and backward are `gradq.mm`s.
+`quantized_linear`, `quantized_matmul` and `quantized_conv2d` are what the Dynamo-level
+rewrite calls in place of `F.linear`, `torch.matmul` and `F.conv2d`: autograd functions whose
+forward and backward are `gradq.mm`s.
 """
 
 from __future__ import annotations
@@ -17,9 +19,12 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
 
 from gradq_fx import quantizer
-from gradq_fx.config import QuantSpec, Role
+from gradq_fx.config import Clipping, Granularity, QuantSpec, Role, Rounding
+from gradq_fx.kernels import gemm
+from gradq_fx.kernels import quantize as quantize_kernel
 
 
 @torch.library.custom_op("gradq::mm", mutates_args=())
@@ -50,6 +55,51 @@ def mm_reference(a, b, bias, a_spec: str, b_spec: str) -> torch.Tensor:
         )
     out = torch.matmul(a, b)
     return (out if bias is None else out + bias).to(a.dtype)
+
+
+def _quantize_rows(rows: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantizer.quantize(rows, spec, dim=-1)` for 2-D rows, through the quantize kernel.
+
+    The clipping value comes from `quantizer.clip_value` (the one home of minmax and iqr),
+    except per-row minmax, whose absmax the kernel takes in the same launch.
+    """
+    per_row = spec.granularity is Granularity.PER_ROW
+    clip = None
+    if not (per_row and spec.clipping is Clipping.MINMAX):
+        flat = rows.float() if per_row else rows.float().reshape(1, -1)
+        clip = quantizer.clip_value(flat, spec)
+        clip = clip if per_row else clip.reshape(())
+    stochastic = spec.rounding is Rounding.STOCHASTIC
+    seed = None
+    if stochastic:  # fresh random bits for every call, as torch.rand_like gives the reference
+        seed = torch.randint(2**31 - 1, (1,), device=rows.device, dtype=torch.int64)
+    return quantize_kernel.quantize_rows(rows, clip, spec.bits, stochastic, seed, spec.scaling)
+
+
+def mm_triton(a, b, bias, a_spec: str, b_spec: str) -> torch.Tensor:
+    """`mm_reference` of two quantized operands through gradq's fused kernels.
+
+    Each operand is quantized in one pass along the contracted dimension (rows of a, rows of
+    b^T), and one GEMM applies both scales and the bias in its epilogue. Nearest rounding
+    gives mm_reference's numbers (unscaled: bit for bit; least-squares scales: to float
+    rounding of their sums); stochastic rounding draws other random bits.
+    """
+    a_spec_, b_spec_ = QuantSpec.decode(a_spec), QuantSpec.decode(b_spec)
+    m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
+    q_a, scale_a = _quantize_rows(a.reshape(-1, k), a_spec_)
+    q_bt, scale_b = _quantize_rows(b.mT.reshape(-1, k), b_spec_)  # b^T's rows: b's columns
+    if a.dim() == 2:
+        return gemm.int8_scaled_mm(q_a, q_bt.t(), scale_a, scale_b, bias, a.dtype)
+    batch = a.shape[:-2]  # equal to b's: `_matmul` expands both
+    out = gemm.int8_scaled_bmm(
+        q_a.view(-1, m, k),
+        q_bt.view(-1, n, k).mT,
+        scale_a.view(-1, m),
+        scale_b.view(-1, n),
+        bias,
+        a.dtype,
+    )
+    return out.view(*batch, m, n)
 
 
 class GemmSite(NamedTuple):
@@ -116,6 +166,47 @@ def quantized_linear(x, weight, bias, site: GemmSite, probe=None) -> torch.Tenso
     quantization statistics (`quantizer.quantization_stats`) as its gradient.
     """
     return _matmul(x, weight.t(), bias, site, probe)
+
+
+def quantized_conv2d(
+    x, weight, bias, stride, padding, dilation, groups, site: GemmSite, probe=None
+) -> torch.Tensor:
+    """F.conv2d(x, weight, bias, stride, padding, dilation, groups) for a convolution that is
+    a GEMM, as three gradq GEMMs (probe: as in `quantized_linear`).
+
+    Such a convolution has groups 1, no padding, and a 1x1 kernel (any stride, any dilation)
+    or a kernel equal to its stride (dilation 1): its windows do not overlap, so the input
+    needs only a layout change, no im2col. With kernel k x l, stride s x t, input [B, C, H, W]
+    and output [B, O, H', W']: the 1x1 case first keeps every s-th row and t-th column; the
+    input is cropped to H'k x W'l (the rows and columns conv2d never reads), viewed as
+    [B, C, H', k, W', l] and copied as rows [B H' W', C k l]; the GEMM with the weight
+    [O, C k l] gives [B H' W', O], copied back to a contiguous [B, O, H', W'].
+
+    With dynamic spatial sizes, the strided slice and the crop make Dynamo guard on H and W
+    modulo the stride (whether the slice keeps the input contiguous): a few recompiles at
+    most, where F.conv2d has none. Static image sizes, the usual case, specialise nothing.
+    """
+    kh, kw = weight.shape[-2:]
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    one_by_one = (kh, kw) == (1, 1)
+    patchify = (kh, kw) == stride and dilation == (1, 1)
+    if groups != 1 or padding != (0, 0) or not (one_by_one or patchify):
+        raise ValueError(
+            "quantized_conv2d takes groups 1, padding 0 and a 1x1 kernel or kernel == stride; "
+            f"got kernel {(kh, kw)}, stride {stride}, padding {padding}, dilation {dilation}, "
+            f"groups {groups}"
+        )
+    unbatched = x.dim() == 3
+    x, weight, bias = _autocast(x.unsqueeze(0) if unbatched else x, weight, bias)
+    if one_by_one:
+        x = x[:, :, :: stride[0], :: stride[1]]  # then cropped to itself, reshaped to rows
+    batch, channels, height, width = x.shape
+    out_h, out_w = height // kh, width // kw
+    patches = x[:, :, : out_h * kh, : out_w * kw].reshape(batch, channels, out_h, kh, out_w, kw)
+    rows = patches.permute(0, 2, 4, 1, 3, 5).reshape(-1, channels * kh * kw)
+    out = quantized_linear(rows, weight.reshape(weight.shape[0], -1), bias, site, probe)
+    out = out.reshape(batch, out_h, out_w, -1).permute(0, 3, 1, 2).contiguous()
+    return out.squeeze(0) if unbatched else out
 
 
 def quantized_matmul(a, b, site: GemmSite, probe=None) -> torch.Tensor:

@@ -23,12 +23,12 @@ import networkx as nx
 import torch
 from tabulate import tabulate
 from torch import fx
-from torch.utils.flop_counter import flop_registry
+from torch.utils.flop_counter import conv_flop_count, flop_registry
 
 from gradq_fx.backend import prepare, to_config
 from gradq_fx.config import GradQConfig, QuantSpec, Role
 from gradq_fx.passes.annotate import Decision, module_path
-from gradq_fx.passes.lower import FLOAT_LOWERING, SIMULATED_LOWERING, lowering_of
+from gradq_fx.passes.lower import FLOAT_LOWERING, SIMULATED_LOWERING, lowering_of, resolve
 
 aten = torch.ops.aten
 
@@ -229,6 +229,10 @@ def _shape(node) -> tuple[int, ...]:
     return tuple(int(s) for s in node.meta["val"].shape)
 
 
+def _device(node) -> torch.device:
+    return node.meta["val"].device
+
+
 def _flops(node: fx.Node, output_mask: list[bool] | None = None) -> int:
     if node.target is torch.ops.gradq.mm.default:
         a, b = node.args[0].meta["val"], node.args[1].meta["val"]
@@ -240,6 +244,20 @@ def _flops(node: fx.Node, output_mask: list[bool] | None = None) -> int:
     if output_mask is not None:  # convolution_backward: count only the masked-in outputs
         args = (*args[:-1], output_mask)
     return int(flop_registry[packet](*args, out_val=node.meta["val"], **kwargs))
+
+
+def _conv_wgrad_flops(node: fx.Node) -> int:
+    """The FLOPs of the weight gradient an `aten.convolution_backward` computes.
+
+    torch's FLOP counter takes it for a convolution of the input by dY and ignores groups:
+    it overcounts a grouped convolution's weight gradient by the number of groups (48x to
+    128x for MobileViT's depthwise convolutions). Each weight of a convolution that is not
+    transposed gets one product per output position and image, as in the forward: count that.
+    """
+    grad_out, x, weight = (node.args[i].meta["val"] for i in range(3))
+    if node.args[7]:  # transposed
+        return _flops(node, [False, True, False])
+    return int(conv_flop_count(list(x.shape), list(weight.shape), list(grad_out.shape)))
 
 
 def _is_matmul_like(node: fx.Node) -> bool:
@@ -298,7 +316,7 @@ class _GraphFacts:
             if wants_input_grad:
                 roles.append((Role.DGRAD.value, _flops(node, [True, False, False])))
             if wants_weight_grad:
-                roles.append((Role.WGRAD.value, _flops(node, [False, True, False])))
+                roles.append((Role.WGRAD.value, _conv_wgrad_flops(node)))
             return roles
         feeds = node in self.weight_grads or any(u in self.feeds_weight_grad for u in node.users)
         return [(Role.WGRAD.value if feeds else Role.DGRAD.value, _flops(node))]
@@ -324,9 +342,10 @@ def analyse(captured: list[_Captured], config: GradQConfig, training: bool) -> R
             graph = facts.graph_of(node)
             if node.target is torch.ops.gradq.mm.default:
                 a, b, _bias, a_spec, b_spec, role, module = node.args
+                lowering = lowering_of(a_spec, b_spec, resolve(config.lowering, _device(a)))
                 row = GemmRow(
                     graph, role, module, _shape(a), _shape(b), a_spec, b_spec,
-                    lowering_of(a_spec, b_spec), _flops(node), facts.roles_of(node)[0][0],
+                    lowering, _flops(node), facts.roles_of(node)[0][0],
                 )  # fmt: skip
                 gemms.append(row)
                 if row.lowering in _NOT_INT8:

@@ -1,9 +1,10 @@
 """Per-layer gradient quantization statistics, and the adaptive learning rate built on them.
 
-With `GradQConfig.stats` (the default), every quantized Linear weight carries a probe: a [3]
-parameter that gradq's backward fills with [cos(g, g_q), ||g - g_q||^2 / ||g||^2, 1] for
-the output gradient g as its wgrad GEMM quantizes it. The statistics arrive as the probe's
-`.grad`, on the device, summed over backward passes: reading them needs no host sync.
+With `GradQConfig.stats` (the default), every quantized Linear (or convolution) weight
+carries a probe: a [3] parameter that gradq's backward fills with [cos(g, g_q),
+||g - g_q||^2 / ||g||^2, 1] for the output gradient g as its wgrad GEMM quantizes it. The
+statistics arrive as the probe's `.grad`, on the device, summed over backward passes: reading
+them needs no host sync.
 
     model = torch.compile(model, backend="gradq")
     optimizer = torch.optim.AdamW(gradq_fx.stats.param_groups(model), lr=1e-3)
@@ -60,14 +61,20 @@ def reset_stats(model: torch.nn.Module) -> None:
             probe.grad = None
 
 
+# The modules whose weight gradq's rewrite may quantize, and so give a probe: Linears, and
+# the 2-D convolutions that are GEMMs (1x1, patch embeddings).
+LAYER_TYPES = (torch.nn.Linear, torch.nn.Conv2d)
+
+
 def param_groups(model: torch.nn.Module) -> list[dict]:
-    """One optimizer parameter group per nn.Linear (weight and bias), one for the rest.
+    """One optimizer parameter group per nn.Linear and nn.Conv2d (weight and bias), one for
+    the rest.
 
     AdaptiveLR gives each group holding a quantized weight its own learning rate.
     """
     groups, seen = [], set()
     for module in model.modules():
-        if isinstance(module, torch.nn.Linear):
+        if isinstance(module, LAYER_TYPES):
             params = [p for p in module.parameters(recurse=False) if p.requires_grad]
             groups.append({"params": params})
             seen.update(id(p) for p in params)

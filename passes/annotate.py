@@ -5,6 +5,15 @@ This pass only marks nodes (policy); `rewrite` acts on the marks (mechanism). It
 
     before and after:  linear = torch._C._nn.linear(input=x, weight=w, bias=b)
     after, in meta:    Decision(kind=LINEAR, module="blocks.0.attn.qkv", quantize=True, ...)
+
+    before and after:  conv2d = torch.conv2d(x, w, None, (1, 1), (1, 1), (1, 1), 48)
+    after, in meta:    Decision(kind=CONVOLUTION, module="stages.1.1.conv2_kxk.conv",
+                           quantize=False, reason="depthwise convolution (groups=48): ...")
+
+Convolutions: a 2-D convolution is quantized when it *is* a GEMM up to a layout change
+(`ops.quantized_conv2d`): groups 1, no padding, and either a 1x1 kernel (any stride: a
+strided slice of the input) or a patchify kernel whose stride equals its size (ViT, Swin
+patch embeddings). Every other convolution stays float, with the reason.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import re
 import torch
 import torch.nn.functional as F
 from torch import fx
+from torch.fx.operator_schemas import normalize_function
 
 from gradq_fx.config import Attention, GradQConfig
 
@@ -43,11 +53,9 @@ _LINEAR = {F.linear, torch._C._nn.linear}
 _MATMUL_FUNCTIONS = {torch.matmul, operator.matmul, torch.bmm, torch.mm}
 _MATMUL_METHODS = {"matmul", "bmm", "mm", "__matmul__"}
 _ATTENTION = {F.scaled_dot_product_attention}
-_CONVOLUTION = {
-    torch.conv1d, torch.conv2d, torch.conv3d, F.conv1d, F.conv2d, F.conv3d,
-    torch.conv_transpose1d, torch.conv_transpose2d, torch.conv_transpose3d,
-    F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
-}  # fmt: skip
+# F.conv2d is torch.conv2d, and so on: one set covers both spellings.
+_TRANSPOSED = {F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d}
+_CONVOLUTION = {F.conv1d, F.conv2d, F.conv3d, *_TRANSPOSED}
 _OTHER_FUNCTIONS = {torch.addmm, torch.baddbmm, torch.addbmm, torch.einsum, torch.bilinear}
 _VIEW_METHODS = {"t", "transpose", "permute", "view", "reshape", "contiguous", "expand", "mT"}
 
@@ -69,6 +77,126 @@ def kind_of(node: fx.Node) -> Kind | None:
     if node.op == "call_method" and node.target in _MATMUL_METHODS:
         return Kind.MATMUL
     return None
+
+
+def _type_of(value) -> type:
+    """The type `normalize_function` matches against a schema (to pick among overloads)."""
+    if isinstance(value, fx.Node):
+        return torch.Tensor
+    if isinstance(value, (tuple, list)) and all(isinstance(v, int) for v in value):
+        return tuple[int, ...]
+    return type(value)
+
+
+def arguments(node: fx.Node) -> dict:
+    """The node's arguments by name. Tensor methods and `operator.matmul` have no schema to
+    normalise against: their two operands are named (input, other) like torch.matmul's.
+
+    Argument types pick the overload where several fit (conv2d's padding: ints or a string).
+    """
+    normalized = None
+    if node.op == "call_function":
+        normalized = normalize_function(
+            node.target,
+            node.args,
+            node.kwargs,
+            arg_types=tuple(_type_of(a) for a in node.args),
+            kwarg_types={k: _type_of(v) for k, v in node.kwargs.items()},
+            normalize_to_only_use_kwargs=True,
+        )
+    if normalized is None:
+        return dict(zip(("input", "other"), node.args, strict=True))
+    named = dict(normalized.kwargs)
+    if "mat2" in named:  # torch.mm and torch.bmm
+        named["other"] = named.pop("mat2")
+    return named
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvGeometry:
+    """What decides whether a 2-D convolution is a GEMM (padding 'valid' resolved to 0)."""
+
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int] | str  # 'same' only where it pads
+    dilation: tuple[int, int]
+    groups: int
+    in_channels: int
+
+    @property
+    def is_1x1(self) -> bool:
+        return self.kernel == (1, 1)
+
+    @property
+    def is_gemm(self) -> bool:
+        """A GEMM up to a layout change: 1x1 (dilation is moot), or kernel == stride."""
+        if self.groups != 1 or self.padding != (0, 0):
+            return False
+        return self.is_1x1 or (self.kernel == self.stride and self.dilation == (1, 1))
+
+
+def _pair(value) -> tuple[int, int] | None:
+    """conv2d's int-or-pair argument as a pair, or None where it is not (constant) ints."""
+    if isinstance(value, int):
+        value = (value,)
+    if not isinstance(value, (tuple, list)) or not all(isinstance(v, int) for v in value):
+        return None
+    return {1: (*value, *value), 2: tuple(value)}.get(len(value))
+
+
+def conv2d_geometry(node: fx.Node) -> ConvGeometry | None:
+    """The geometry of a torch.conv2d node, or None where its arguments are not constants."""
+    named = arguments(node)
+    weight = named["weight"].meta.get("example_value")
+    stride, dilation = _pair(named["stride"]), _pair(named["dilation"])
+    padding, groups = named["padding"], named["groups"]
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or not isinstance(groups, int):
+        return None
+    kernel = (int(weight.shape[2]), int(weight.shape[3]))
+    if padding == "valid" or (padding == "same" and kernel == (1, 1)):
+        padding = (0, 0)
+    elif padding != "same":
+        padding = _pair(padding)
+    if None in (stride, padding, dilation):
+        return None
+    return ConvGeometry(kernel, stride, padding, dilation, groups, groups * int(weight.shape[1]))
+
+
+def _convolution_problem(node: fx.Node) -> str | None:
+    """Why gradq keeps a convolution in float whatever the config, or None if it is a GEMM."""
+    name = getattr(node.target, "__name__", str(node.target))
+    if node.target in _TRANSPOSED:
+        return f"transposed convolution ({name}): not rewritten by gradq"
+    if node.target is not F.conv2d:
+        return f"{name}: gradq rewrites 2-D convolutions only"
+    geometry = conv2d_geometry(node)
+    if geometry is None:
+        return "conv2d with non-constant stride, padding, dilation or groups: kept float"
+    g = geometry
+    if g.groups != 1:
+        if g.groups == g.in_channels:
+            return (
+                f"depthwise convolution (groups={g.groups}): kept float, little arithmetic "
+                "for INT8 to gain"
+            )
+        return f"grouped convolution (groups={g.groups}): no INT8 path yet (one GEMM per group)"
+    if g.is_gemm:
+        return None
+    kernel = "x".join(map(str, g.kernel))
+    details = f"stride {_text(g.stride)}, padding {_text(g.padding)}"
+    if g.is_1x1:
+        return f"1x1 convolution with padding {_text(g.padding)}: not a GEMM without a padded copy"
+    if g.dilation != (1, 1):
+        details += f", dilation {_text(g.dilation)}"
+        return f"dilated {kernel} convolution ({details}): no INT8 path yet"
+    return f"{kernel} convolution ({details}): no INT8 path yet (implicit-GEMM kernel not built)"
+
+
+def _text(pair: tuple[int, int] | str) -> str:
+    """A conv2d argument as a reason shows it: 2 for (2, 2), (2, 3), 'same'."""
+    if isinstance(pair, str):
+        return repr(pair)
+    return str(pair[0]) if pair[0] == pair[1] else str(pair)
 
 
 def module_path(node: fx.Node) -> str:
@@ -113,8 +241,8 @@ def _filter_reason(module: str, config: GradQConfig) -> str | None:
 
 
 def _operand_problem(node: fx.Node, kind: Kind) -> str | None:
-    """Why the operands of a linear or matmul do not fit gradq's GEMMs, or None if they do."""
-    if kind not in (Kind.LINEAR, Kind.MATMUL):
+    """Why the operands of a linear, matmul or convolution do not fit gradq's GEMMs, or None."""
+    if kind not in (Kind.LINEAR, Kind.MATMUL, Kind.CONVOLUTION):
         return None
     values = [a.meta.get("example_value") for a in node.args[:2] if isinstance(a, fx.Node)]
     for value in values:
@@ -139,7 +267,7 @@ def _decide(node: fx.Node, kind: Kind, config: GradQConfig) -> Decision:
         if is_parameter(node.args[1]):
             kind = Kind.LINEAR
     if kind is Kind.CONVOLUTION:
-        return Decision(node.name, kind, module, False, "convolution: not rewritten by gradq")
+        return _decide_convolution(node, module, config)
     if kind is Kind.OTHER:
         reason = f"{getattr(node.target, '__name__', node.target)}: not rewritten by gradq"
         return Decision(node.name, kind, module, False, reason)
@@ -149,6 +277,20 @@ def _decide(node: fx.Node, kind: Kind, config: GradQConfig) -> Decision:
     if reason is not None:
         return Decision(node.name, kind, module, False, reason)
     return Decision(node.name, kind, module, True, "int8")
+
+
+def _decide_convolution(node: fx.Node, module: str, config: GradQConfig) -> Decision:
+    reason = _convolution_problem(node)
+    if reason is None and not is_parameter(arguments(node)["weight"]):
+        reason = "convolution whose weight is not a parameter: not rewritten by gradq"
+    if reason is None and not config.convolutions:
+        reason = "convolutions kept float (convolutions=False)"
+    if reason is None:
+        reason = _filter_reason(module, config)
+    if reason is not None:
+        return Decision(node.name, Kind.CONVOLUTION, module, False, reason)
+    shape = "1x1" if conv2d_geometry(node).is_1x1 else "patchify (kernel = stride)"
+    return Decision(node.name, Kind.CONVOLUTION, module, True, f"int8: {shape} conv as a GEMM")
 
 
 def run(gm: fx.GraphModule, config: GradQConfig) -> list[Decision]:

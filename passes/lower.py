@@ -1,14 +1,20 @@
-"""Lower every `gradq.mm` of the joint graph to the reference numerics, for Inductor to compile.
+"""Lower every `gradq.mm` of the joint graph to its numerics, for Inductor to compile.
 
 Runs as Inductor's joint-graph custom pass (forward + backward before partitioning; the
-forward graph alone for inference). Each opaque GEMM node becomes the pure-torch quantizer,
-the exact int8 GEMM and the dequantize of `gradq_fx.quantizer.quantized_matmul`:
+forward graph alone for inference). Each opaque GEMM node becomes what the config's
+`lowering` names (`gradq_fx.config.Lowering`; `auto` resolves per device in `resolve`):
 
     before:  mm = torch.ops.gradq.mm(tangent_view, primals_2, None,
                                      "8:per_row:nearest:iqr", "8:per_row:nearest:minmax",
                                      "dgrad", "blocks.0.mlp.fc1")
-    after:   abs = aten.abs(tangent_view); amax = aten.amax(abs, [1], True); ...
+    after, reference (and inductor_template, which only changes Inductor's GEMM choice):
+             abs = aten.abs(tangent_view); amax = aten.amax(abs, [1], True); ...
              ... the exact int8 GEMM (kernels/int_mm.py) ...; mm = aten.mul(acc, scales)
+    after, triton:
+             clip = ... (iqr clipping only: `quantizer.clip_value`, pointwise and reductions)
+             q_a, s_a = gradq.quantize_rows(tangent_view, clip, 8, False, None, True, False)
+             q_b, s_b = gradq.quantize_rows(permute(primals_2), None, 8, ...)
+             mm = gradq.int8_scaled_mm(q_a, permute(q_b), s_a, s_b, None, float32)
 
 The pass is a `CustomGraphPass` whose uuid hashes the source of gradq's numerics and passes,
 so Inductor's FX graph cache and AOTAutograd's cache stay correct when either changes.
@@ -33,40 +39,64 @@ from torch._inductor.pattern_matcher import (
 
 import gradq_fx
 from gradq_fx import kernels, ops
-from gradq_fx.config import Clipping, QuantSpec
+from gradq_fx.config import Clipping, Lowering, QuantSpec
 
-# What a gradq.mm is lowered to, as the report names it. The Triton lowerings come later.
-REFERENCE_LOWERING = "reference"  # torch quantizer + exact int8 GEMM, compiled by Inductor
+# What a gradq.mm is lowered to, as the report names it: the resolved `Lowering`'s value
+# ('reference', 'inductor_template', 'triton'), or one of these.
 SIMULATED_LOWERING = "simulated"  # IQS operand: decoded operands, float GEMM
-FLOAT_LOWERING = "float matmul"
+FLOAT_LOWERING = "float matmul"  # a role the config keeps in float
 
 
-def lowering_of(a_spec: str, b_spec: str) -> str:
+def resolve(lowering: Lowering, device: torch.device) -> Lowering:
+    """The lowering `lowering` means for GEMMs on `device` (never AUTO)."""
+    if lowering is Lowering.AUTO:
+        on_gpu = device.type == "cuda" and kernels.triton_installed()
+        return Lowering.TRITON if on_gpu else Lowering.REFERENCE
+    if lowering is Lowering.INDUCTOR_TEMPLATE and device.type != "cuda":
+        raise ValueError(
+            f"option 'lowering': {lowering.value!r} forces Inductor's Triton GEMM template, "
+            f"which needs a CUDA device; the model runs on {device.type} (use 'auto')"
+        )
+    return lowering
+
+
+def lowering_of(a_spec: str, b_spec: str, lowering: Lowering = Lowering.REFERENCE) -> str:
+    """The report's name for what a gradq.mm with these specs becomes (`lowering` resolved)."""
     if not (a_spec and b_spec):
         return FLOAT_LOWERING
     iqs = Clipping.IQS in (QuantSpec.decode(a_spec).clipping, QuantSpec.decode(b_spec).clipping)
-    return SIMULATED_LOWERING if iqs else REFERENCE_LOWERING
+    return SIMULATED_LOWERING if iqs else lowering.value
+
+
+def _device(node: fx.Node) -> torch.device:
+    return node.meta["val"].device
 
 
 @functools.cache
-def _patterns() -> PatternMatcherPass:
+def _patterns(lowering: Lowering) -> PatternMatcherPass:
     patterns = PatternMatcherPass()
     names = ("a", "b", "bias", "a_spec", "b_spec", "role", "module")
     pattern = CallFunction(torch.ops.gradq.mm.default, *(KeywordArg(n) for n in names))
 
     @register_graph_pattern(pattern, pass_dict=patterns)
     def _lower(match: Match, a, b, bias, a_spec, b_spec, role, module):
-        def reference(a, b, bias):
-            return ops.mm_reference(a, b, bias, a_spec, b_spec)
+        resolved = resolve(lowering, _device(a))
+        if lowering_of(a_spec, b_spec, resolved) == Lowering.TRITON.value:
+            mm = ops.mm_triton
+        else:  # reference, inductor_template (same graph), simulated and float GEMMs
+            mm = ops.mm_reference
 
-        match.replace_by_example(reference, [a, b, bias])
+        def replacement(a, b, bias):
+            return mm(a, b, bias, a_spec, b_spec)
+
+        match.replace_by_example(replacement, [a, b, bias])
 
     return patterns
 
 
-def run(graph: fx.Graph) -> int:
+def run(graph: fx.Graph, lowering: Lowering = Lowering.AUTO) -> int:
     """Replace every gradq.mm in `graph`; return how many were replaced."""
-    count = _patterns().apply(graph)
+    count = _patterns(lowering).apply(graph)
     graph.lint()
     return count
 
@@ -90,8 +120,11 @@ def source_hash() -> str:
 class LowerPass(CustomGraphPass):
     """`run` as Inductor's joint custom pass, with a uuid that keeps the caches honest."""
 
+    def __init__(self, lowering: Lowering = Lowering.AUTO):
+        self.lowering = lowering
+
     def __call__(self, graph: fx.Graph) -> None:
-        run(graph)
+        run(graph, self.lowering)
 
     def uuid(self) -> str:
-        return source_hash()
+        return f"{source_hash()}:{self.lowering.value}"

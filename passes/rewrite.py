@@ -13,6 +13,14 @@ joint graph AOTAutograd derives holds the forward, dgrad and wgrad GEMMs of ever
     before:  sdpa = torch._C._nn.scaled_dot_product_attention(query=q, key=k, value=v, ...)
     after:   sdpa = gradq_fx.ops.quantized_attention(q, k, v, ..., qk_site=.., pv_site=..)
 
+    before:  conv2d = torch.conv2d(x, w, b, (16, 16), (0, 0), (1, 1), 1)
+    after:   gradq_probe_0 = self.gradq_probe_0
+             conv2d = gradq_fx.ops.quantized_conv2d(x, w, b, (16, 16), (0, 0), (1, 1), 1,
+                          site=("patch_embed.proj", ..., "wgrad"), probe=gradq_probe_0)
+
+(stride, padding, dilation, groups as `annotate.conv2d_geometry` reads them; only the
+convolutions that are GEMMs are marked.)
+
 Nodes keep their metadata (the value, its shape and dtype are unchanged).
 """
 
@@ -21,27 +29,11 @@ from __future__ import annotations
 import torch
 from torch import fx
 from torch._dynamo.source import AttrSource
-from torch.fx.operator_schemas import normalize_function
 
 from gradq_fx import ops, stats
 from gradq_fx.config import GradQConfig, Role
-from gradq_fx.passes.annotate import Decision, Kind, parameter_of
-
-
-def _arguments(node: fx.Node) -> dict:
-    """The node's arguments by name. Tensor methods and `operator.matmul` have no schema to
-    normalise against: their two operands are named (input, other) like torch.matmul's."""
-    normalized = None
-    if node.op == "call_function":
-        normalized = normalize_function(
-            node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True
-        )
-    if normalized is None:
-        return dict(zip(("input", "other"), node.args, strict=True))
-    arguments = dict(normalized.kwargs)
-    if "mat2" in arguments:  # torch.mm and torch.bmm
-        arguments["other"] = arguments.pop("mat2")
-    return arguments
+from gradq_fx.passes.annotate import Decision, Kind, conv2d_geometry, parameter_of
+from gradq_fx.passes.annotate import arguments as _arguments
 
 
 def site_for(module: str, config: GradQConfig, right_is_weight: bool) -> ops.GemmSite:
@@ -107,6 +99,13 @@ def _replacement(gm: fx.GraphModule, node: fx.Node, decision: Decision, config: 
     if decision.kind is Kind.MATMUL:
         site = site_for(f"{decision.module}[{node.name}]", config, right_is_weight=False)
         return ops.quantized_matmul, (arguments["input"], arguments["other"]), {"site": site}
+    if decision.kind is Kind.CONVOLUTION:  # a conv2d that is a GEMM (annotate checked it)
+        site = site_for(decision.module, config, right_is_weight=True)
+        probe = _probe(gm, arguments["weight"], site, config)
+        g = conv2d_geometry(node)
+        args = (arguments["input"], arguments["weight"], arguments["bias"])
+        args += (g.stride, g.padding, g.dilation, g.groups)
+        return ops.quantized_conv2d, args, {"site": site, "probe": probe}
     if decision.kind is Kind.ATTENTION:
         sites = {
             f"{name}_site": site_for(f"{decision.module}[{name}]", config, right_is_weight=False)

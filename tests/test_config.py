@@ -14,6 +14,7 @@ from gradq_fx.config import (
     Clipping,
     GradQConfig,
     Granularity,
+    Lowering,
     QuantSpec,
     Role,
     Rounding,
@@ -47,9 +48,13 @@ def _key_table():
         [member.value for member in Clipping],
         lambda c: c.gradient.clipping.value,
     )
-    for flag in ("forward", "dgrad", "wgrad", "stats"):
+    for flag in ("forward", "dgrad", "wgrad", "stats", "convolutions"):
         table[flag] = ([True, False], lambda c, f=flag: getattr(c, f))
     table["attention"] = ([member.value for member in Attention], lambda c: c.attention.value)
+    table["lowering"] = (
+        ["auto", "reference", "inductor_template", "triton"],
+        lambda c: c.lowering.value,
+    )
     for globs in ("include", "exclude"):
         table[globs] = (
             ["blocks.*", ["blocks.0.*", "head"], [], ("patch_embed.proj",)],
@@ -81,6 +86,8 @@ def test_defaults():
     )
     assert (config.forward, config.dgrad, config.wgrad) == (True, True, True)
     assert config.attention is Attention.FLOAT
+    assert config.lowering is Lowering.AUTO
+    assert config.convolutions is True
     assert config.include == ("*",)
     assert config.exclude == ()
     assert all(config.quantizes(role) for role in Role)
@@ -206,7 +213,8 @@ BAD_CASES = (
     + [(f"{op}_clipping", "absmax", _ENUM_CHOICES["clipping"]) for op in OPERANDS]
     + [("gradient_quantizer", "iqs_typo", _ENUM_CHOICES["clipping"])]
     + [("attention", "fp8", _ENUM_CHOICES["attention"])]
-    + [(flag, "yes", ["True", "False"]) for flag in ("forward", "dgrad", "wgrad")]
+    + [("lowering", "cublas", ["auto", "reference", "inductor_template", "triton"])]
+    + [(flag, "yes", ["True", "False"]) for flag in ("forward", "dgrad", "wgrad", "convolutions")]
     + [(f"{op}_scaling", 1, ["True", "False"]) for op in OPERANDS]
     + [("forward", 1, ["True", "False"])]
     + [(globs, 3, ["glob"]) for globs in ("include", "exclude")]
@@ -248,6 +256,7 @@ def test_quantspec_rejects_bad_fields(kwargs):
     [
         {"weight": "8:per_row:nearest:minmax"},
         {"forward": 1},
+        {"convolutions": "yes"},
         {"attention": "float"},
         {"include": ["*"]},
         {"exclude": ("a", 3)},

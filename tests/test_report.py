@@ -23,6 +23,52 @@ def linear_paths(model: torch.nn.Module) -> set[str]:
     return {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
+def convolutions(model: torch.nn.Module) -> dict[str, torch.nn.Conv2d]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+
+
+def gemm_conv_paths(model: torch.nn.Module) -> set[str]:
+    """The Conv2d modules that are GEMMs: groups 1, no padding, 1x1 or kernel == stride."""
+    return {
+        name
+        for name, m in convolutions(model).items()
+        if m.groups == 1
+        and m.padding in ((0, 0), "valid")
+        and (m.kernel_size == (1, 1) or (m.kernel_size == m.stride and m.dilation == (1, 1)))
+    }
+
+
+def gemm_layer_paths(model: torch.nn.Module) -> set[str]:
+    return linear_paths(model) | gemm_conv_paths(model)
+
+
+# A patch embedding reads the image, which needs no gradient: it has no dgrad GEMM.
+IMAGE_READERS = {"patch_embed.proj"}
+
+
+def expected_roles(module: str) -> collections.Counter:
+    if module in IMAGE_READERS:
+        return collections.Counter(forward=1, wgrad=1)
+    return collections.Counter(forward=1, dgrad=1, wgrad=1)
+
+
+def conv_flops(model: torch.nn.Module, x: torch.Tensor) -> dict[str, int]:
+    """Each Conv2d's multiply-add count x 2, from its output shape in an eager forward."""
+    shapes = {}
+    hooks = [
+        m.register_forward_hook(lambda _m, _i, out, name=name: shapes.__setitem__(name, out.shape))
+        for name, m in convolutions(model).items()
+    ]
+    with torch.no_grad():
+        model(x)
+    for hook in hooks:
+        hook.remove()
+    return {
+        name: 2 * math.prod(shapes[name]) * m.in_channels // m.groups * math.prod(m.kernel_size)
+        for name, m in convolutions(model).items()
+    }
+
+
 def int8_roles_by_module(result) -> dict[str, collections.Counter]:
     roles = collections.defaultdict(collections.Counter)
     for row in result.int8_gemms:
@@ -39,14 +85,13 @@ CASES = [
 
 
 @pytest.mark.parametrize(("name", "fused_attn"), CASES)
-def test_every_linear_has_one_int8_gemm_per_role(name, fused_attn):
+def test_every_linear_and_gemm_conv_has_one_int8_gemm_per_role(name, fused_attn):
     model, size = tiny_model(name, fused_attn=fused_attn)
     result = report(model, torch.randn(2, 3, size, size))
 
     roles = int8_roles_by_module(result)
-    assert set(roles) == linear_paths(model)
-    expected = collections.Counter(forward=1, dgrad=1, wgrad=1)
-    assert all(counter == expected for counter in roles.values()), roles
+    assert set(roles) == gemm_layer_paths(model)
+    assert all(counter == expected_roles(m) for m, counter in roles.items()), roles
     for row in result.gemms:
         assert row.role == row.graph_role, row
         assert row.graph == ("fwd" if row.role == "forward" else "bwd"), row
@@ -77,10 +122,7 @@ def test_float_ops_carry_reasons_and_coverage_adds_up():
     head = [op for op in result.float_ops if op.module == "head"]
     assert sorted(op.role for op in head) == ["dgrad", "forward", "wgrad"]
     assert all("excluded by config" in op.reason for op in head)
-    conv = [op for op in result.float_ops if op.op.startswith("convolution")]
-    # The patch embedding's input needs no gradient: forward and wgrad only.
-    assert sorted(op.role for op in conv) == ["forward", "wgrad"]
-    assert all(op.module == "patch_embed.proj" for op in conv)
+    assert not [op for op in result.float_ops if op.op.startswith("convolution")]
     sdpa = [op for op in result.float_ops if "attention" in op.op]
     assert sdpa and all("attention kept float" in op.reason for op in sdpa)
 
@@ -95,6 +137,52 @@ def test_float_ops_carry_reasons_and_coverage_adds_up():
     tokens = 2 * ((size // 16) ** 2 + 1)
     layer = model.blocks[0].mlp.fc1
     assert fc1.flops == 2 * tokens * layer.in_features * layer.out_features
+    # The patch embedding as a GEMM: forward and wgrad (the image needs no gradient), each
+    # with the convolution's FLOPs.
+    x = torch.randn(2, 3, size, size)
+    patch = {r.role: r.flops for r in result.int8_gemms if r.module == "patch_embed.proj"}
+    flops = conv_flops(model, x)["patch_embed.proj"]
+    assert patch == {"forward": flops, "wgrad": flops}
+
+    # With convolutions=False the same FLOPs are counted, as float convolution ops.
+    float_convs = report(model, x, {"exclude": ["head"], "convolutions": False})
+    conv = [op for op in float_convs.float_ops if op.op.startswith("convolution")]
+    assert sorted(op.role for op in conv) == ["forward", "wgrad"]
+    assert all(op.module == "patch_embed.proj" and op.flops == flops for op in conv)
+    assert all("convolutions=False" in op.reason for op in conv)
+    assert {role: c["flops"] for role, c in float_convs.coverage().items()} == {
+        role: c["flops"] for role, c in coverage.items()
+    }
+
+
+def test_mobilevit_pointwise_convs_are_int8_and_depthwise_ones_float_with_reasons():
+    model, size = tiny_model("mobilevit_xxs")
+    x = torch.randn(2, 3, size, size)
+    flops = conv_flops(model, x)
+    result = report(model, x)
+
+    convs = convolutions(model)
+    pointwise = {name for name, m in convs.items() if m.kernel_size == (1, 1)}
+    depthwise = {name for name, m in convs.items() if m.groups == m.in_channels > 1}
+    assert pointwise and depthwise
+    rows = collections.defaultdict(dict)
+    for row in result.int8_gemms:
+        rows[row.module][row.role] = row.flops
+    for name in pointwise:  # every role INT8, with the convolution's FLOPs
+        assert rows[name] == dict.fromkeys(("forward", "dgrad", "wgrad"), flops[name]), name
+    float_ops = collections.defaultdict(dict)
+    for op in result.float_ops:
+        float_ops[op.module][op.role] = op
+    for name in depthwise:
+        assert name not in rows
+        ops = float_ops[name]
+        assert sorted(ops) == ["dgrad", "forward", "wgrad"], name
+        reason = f"depthwise convolution (groups={convs[name].groups}): kept float"
+        assert all(reason in op.reason for op in ops.values()), name
+        # torch's FLOP counter overcounts a grouped conv's weight gradient; the report not.
+        assert all(op.flops == flops[name] for op in ops.values()), name
+    for name in set(convs) - pointwise - depthwise:  # dense 3x3 convolutions
+        assert all("3x3 convolution" in op.reason for op in float_ops[name].values()), name
 
 
 def test_disabled_roles_are_float_and_reported():
@@ -103,7 +191,7 @@ def test_disabled_roles_are_float_and_reported():
 
     assert {row.role for row in result.int8_gemms} == {"forward", "dgrad"}
     disabled = [op for op in result.float_ops if op.op == "gradq.mm"]
-    assert len(disabled) == len(linear_paths(model))
+    assert len(disabled) == len(gemm_layer_paths(model))
     assert all(op.role == "wgrad" and "wgrad=False" in op.reason for op in disabled)
     assert result.coverage()["wgrad"]["int8_flops"] == 0
     assert result.coverage()["wgrad"]["flops"] > 0
@@ -116,7 +204,7 @@ def test_inference_reports_forward_only():
 
     assert not result.training
     assert {row.role for row in result.gemms} == {"forward"}
-    assert {row.module for row in result.int8_gemms} == linear_paths(model)
+    assert {row.module for row in result.int8_gemms} == gemm_layer_paths(model)
     assert math.isnan(result.coverage()["wgrad"]["ratio"])
 
 
@@ -151,3 +239,20 @@ def test_iqs_gradients_are_reported_as_simulated():
     assert len(simulated) == 4
     assert result.coverage()["dgrad"]["int8_flops"] == 0
     assert result.coverage()["forward"]["ratio"] == 1.0
+
+
+def test_each_gemm_names_its_lowering():
+    model = torch.nn.Sequential(torch.nn.Linear(13, 17), torch.nn.GELU(), torch.nn.Linear(17, 5))
+    x = torch.randn(7, 13, requires_grad=True)
+
+    def lowerings(options):
+        return {(row.module, row.role): row.lowering for row in report(model, x, options).gemms}
+
+    # auto on the CPU is the reference lowering; triton can be asked for (its ops then run
+    # their torch reference on the CPU) and every quantized GEMM says so.
+    assert set(lowerings({}).values()) == {"reference"}
+    triton = lowerings({"lowering": "triton", "wgrad": False})
+    assert {triton[(m, r)] for m in ("0", "2") for r in ("forward", "dgrad")} == {"triton"}
+    assert {triton[(m, "wgrad")] for m in ("0", "2")} == {"float matmul"}
+    with pytest.raises(ValueError, match="inductor_template.*CUDA"):
+        report(model, x, {"lowering": "inductor_template"})

@@ -60,7 +60,7 @@ def test_stats_of_a_compiled_model_cover_every_linear_and_accumulate():
         compiled(x).square().mean().backward()
     found = stats.stats(model)
     linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    assert set(found) == linears
+    assert set(found) == linears | {"patch_embed.proj"}  # the patch embedding is a GEMM too
     for layer in found.values():
         assert layer.steps.item() == 2.0
         assert 0.99 < layer.cosine.item() <= 1.0
@@ -122,9 +122,13 @@ def test_bad_use_raises():
         stats.AdaptiveLR(adaptive.optimizer, floor=0)
 
 
-def test_param_groups_put_each_linear_alone():
-    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+def test_param_groups_put_each_linear_and_conv_alone():
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 1), torch.nn.Flatten(), torch.nn.Linear(4, 4),
+        torch.nn.LayerNorm(4), torch.nn.Linear(4, 2),
+    )  # fmt: skip
     groups = stats.param_groups(model)
-    assert [len(g["params"]) for g in groups] == [2, 2, 2]
-    assert groups[0]["params"][0] is model[0].weight and groups[1]["params"][0] is model[2].weight
+    assert [len(g["params"]) for g in groups] == [2, 2, 2, 2]
+    firsts = [g["params"][0] for g in groups[:3]]
+    assert all(p is m.weight for p, m in zip(firsts, (model[0], model[2], model[4]), strict=True))
     assert {id(p) for g in groups for p in g["params"]} == {id(p) for p in model.parameters()}

@@ -35,7 +35,8 @@ def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
     return ticks
 
 
-def _label(value: float) -> str:
+def tick_label(value: float) -> str:
+    """A tick value as short text: plain below 10^5, else in scientific notation."""
     return f"{value:g}" if abs(value) < 1e5 else f"{value:.1e}"
 
 
@@ -65,11 +66,11 @@ def _panel(
     for tick in y_ticks:
         _, y = to_pixel(x_ticks[0], tick)
         draw.line([(x0, y), (x1, y)], fill=GRID)
-        draw.text((x0 - 6, y), _label(tick), fill=TEXT, font=font, anchor="rm")
+        draw.text((x0 - 6, y), tick_label(tick), fill=TEXT, font=font, anchor="rm")
     for tick in x_ticks:
         x, _ = to_pixel(tick, y_ticks[0])
         draw.line([(x, y1), (x, y1 + 4)], fill=AXES)
-        draw.text((x, y1 + 6), _label(tick), fill=TEXT, font=font, anchor="mt")
+        draw.text((x, y1 + 6), tick_label(tick), fill=TEXT, font=font, anchor="mt")
     draw.line([(x0, y0), (x0, y1), (x1, y1)], fill=AXES, width=1)
     draw.text(((x0 + x1) / 2, 12), title, fill=TEXT, font=font, anchor="mt")
     draw.text(((x0 + x1) / 2, HEIGHT - 14), "epoch", fill=TEXT, font=font, anchor="mb")

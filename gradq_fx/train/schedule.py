@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from gradq_fx.stats import LAYER_TYPES
+
 OPTIMIZERS = ("adamw", "sgd")
 SGD_MOMENTUM = 0.9
 
@@ -42,20 +44,20 @@ def parameter_groups(
     """Weights decay; biases, norms' scales, and what the model lists in `no_weight_decay()`
     (timm: position embeddings, class token) do not.
 
-    With `layer_groups`, each nn.Linear weight gets a group of its own (after the two shared
-    ones), so gradq's AdaptiveLR can scale each quantized layer's learning rate.
+    With `layer_groups`, each nn.Linear and nn.Conv2d weight gets a group of its own (after the
+    two shared ones), so gradq's AdaptiveLR can scale each quantized layer's learning rate.
     """
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    linear_weights = set()
+    layer_weights = set()
     if layer_groups:
-        linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+        layer_weights = {id(m.weight) for m in model.modules() if isinstance(m, LAYER_TYPES)}
     decay, no_decay, layers = [], [], []
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
         if parameter.ndim <= 1 or name in skip:
             no_decay.append(parameter)
-        elif id(parameter) in linear_weights:
+        elif id(parameter) in layer_weights:
             layers.append({"params": [parameter], "weight_decay": weight_decay})
         else:
             decay.append(parameter)

@@ -102,3 +102,81 @@ def test_module_path_strips_dynamo_prefix():
     torch.compile(model, backend=backend)(torch.randn(2, 4))
     assert [d.module for d in captured] == ["0.0"]
     assert F.linear is torch._C._nn.linear  # the target annotate recognises
+
+
+class ConvZoo(torch.nn.Module):
+    """Convolutions that are GEMMs (pointwise, strided, patch, 'same' 1x1) and ones that are not."""
+
+    def __init__(self):
+        super().__init__()
+        conv = torch.nn.Conv2d
+        self.pointwise = conv(8, 16, 1)
+        self.strided = conv(8, 16, 1, stride=2)
+        self.patch = conv(8, 16, 4, stride=4, bias=False)
+        self.same = conv(8, 8, 1, padding="same")
+        self.depthwise = conv(8, 8, 3, padding=1, groups=8)
+        self.grouped = conv(8, 8, 1, groups=2)
+        self.dense = conv(8, 8, 3, padding=1)
+        self.dilated = conv(8, 8, 3, dilation=2)
+        self.padded_1x1 = conv(8, 8, 1, padding=1)
+        self.padded_patch = conv(8, 8, 2, stride=2, padding=1)
+        self.conv1d = torch.nn.Conv1d(8, 8, 1)
+        self.transposed = torch.nn.ConvTranspose2d(8, 8, 2, stride=2)
+
+    def forward(self, image):
+        outs = [getattr(self, name)(image) for name in CONV_EXPECTED if name[0] != "_"]
+        outs.append(self.conv1d(image.flatten(2)))
+        outs.append(F.conv2d(image, image[:8, :, :1, :1]))  # weight is an activation
+        return outs
+
+
+# module -> (quantized, the reason's distinctive part)
+CONV_EXPECTED = {
+    "pointwise": (True, "int8: 1x1"),
+    "strided": (True, "int8: 1x1"),
+    "patch": (True, "int8: patchify (kernel = stride)"),
+    "same": (True, "int8: 1x1"),
+    "depthwise": (False, "depthwise convolution (groups=8): kept float, little arithmetic"),
+    "grouped": (False, "grouped convolution (groups=2)"),
+    "dense": (
+        False,
+        "3x3 convolution (stride 1, padding 1): no INT8 path yet (implicit-GEMM kernel not built)",
+    ),
+    "dilated": (False, "dilated 3x3 convolution (stride 1, padding 0, dilation 2)"),
+    "padded_1x1": (False, "1x1 convolution with padding 1: not a GEMM"),
+    "padded_patch": (False, "2x2 convolution (stride 2, padding 1): no INT8 path yet"),
+    "transposed": (False, "transposed convolution (conv_transpose2d)"),
+}
+
+
+def conv_decisions(config: GradQConfig) -> dict[str, annotate.Decision]:
+    captured = []
+
+    def backend(gm, example_inputs):
+        captured.extend(annotate.run(gm, config))
+        return gm.forward
+
+    torch.compile(ConvZoo(), backend=backend, fullgraph=True)(torch.randn(8, 8, 16, 16))
+    assert all(d.kind is Kind.CONVOLUTION for d in captured)
+    return {d.module: d for d in captured}
+
+
+def test_convolutions_that_are_gemms_are_quantized_the_rest_say_why():
+    found = conv_decisions(GradQConfig())
+    for module, (quantized, reason) in CONV_EXPECTED.items():
+        assert found[module].quantize is quantized, (module, found[module])
+        assert reason in found[module].reason, (module, found[module].reason)
+    assert found["conv1d"].reason == "conv1d: gradq rewrites 2-D convolutions only"
+    assert not found[""].quantize and "weight is not a parameter" in found[""].reason
+
+
+def test_convolutions_false_and_globs_keep_gemm_convolutions_float():
+    found = conv_decisions(GradQConfig.from_options({"convolutions": False}))
+    assert not any(d.quantize for d in found.values())
+    assert found["pointwise"].reason == "convolutions kept float (convolutions=False)"
+    # Reasons that hold whatever the config come first.
+    assert "depthwise" in found["depthwise"].reason
+
+    found = conv_decisions(GradQConfig.from_options({"exclude": ["patch"]}))
+    assert not found["patch"].quantize and "exclude pattern 'patch'" in found["patch"].reason
+    assert found["pointwise"].quantize and found["strided"].quantize

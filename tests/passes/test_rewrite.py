@@ -51,3 +51,28 @@ def test_rewritten_graph_runs_and_keeps_metadata():
     # The rewritten graph runs the gradq ops eagerly: quantized, close to float.
     assert sqnr_db(model(x), out) > 30
     assert not torch.equal(model(x), out)
+
+
+def test_gemm_convolution_becomes_quantized_conv2d_with_site_and_probe():
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 4, stride=4), torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)
+    )
+    seen = {}
+
+    def backend(gm, example_inputs):
+        config = GradQConfig()
+        annotate.run(gm, config)
+        before = [n.meta["example_value"] for n in gm.graph.nodes if "gradq" in n.meta]
+        assert rewrite.run(gm, config) == 1  # the depthwise conv stays
+        seen["calls"] = [n for n in gm.graph.nodes if n.target is ops.quantized_conv2d]
+        seen["before"] = before
+        return gm.forward
+
+    x = torch.randn(2, 3, 17, 18)
+    out = torch.compile(model, backend=backend, fullgraph=True)(x)
+    (call,) = seen["calls"]
+    assert call.args[3:] == ((4, 4), (0, 0), (1, 1), 1)  # stride, padding, dilation, groups
+    assert call.kwargs["site"].module == "0" and call.kwargs["site"].role_b == "wgrad"
+    assert call.kwargs["probe"].op == "get_attr"  # statistics, as for a Linear's weight
+    assert call.meta["example_value"].shape == seen["before"][0].shape == (2, 8, 4, 4)
+    assert sqnr_db(model(x), out) > 30

@@ -42,7 +42,8 @@ def test_torchrun_two_cpu_processes_train_with_gradq(idx_dir, tmp_path):
     result = json.loads((out / "result.json").read_text())
     assert (result["world_size"], result["backend"]) == (2, "gradq_eager")
     assert result["replicas_in_sync"]  # DDP averaged the gradients, and the layer statistics
-    assert result["gradq_rewritten_ops"] == 5  # qkv, proj, fc1, fc2, head: rewritten under DDP
+    # qkv, proj, fc1, fc2, head and the patch-embedding convolution: rewritten under DDP
+    assert result["gradq_rewritten_ops"] == 6
     assert result["steps"] == 4  # 64 images / 2 processes / batch 16, two epochs
     assert result["test_images"] == 30  # the test set split between the ranks, each counted once
     with open(out / "log.csv", newline="") as file:

@@ -74,14 +74,14 @@ def test_gradq_training_loss_falls_and_reports_the_rewrite(idx_dir, tmp_path):
     rows = read_log(tmp_path / "log.csv")
     assert rows[-1]["train_loss"] < 0.75 * rows[0]["train_loss"]
     assert result["backend"] == "gradq_eager"  # the CPU default
-    # One block: qkv, proj, fc1, fc2, and the head.
-    assert result["gradq_rewritten_ops"] == 5
+    # One block: qkv, proj, fc1, fc2, the head, and the patch-embedding convolution.
+    assert result["gradq_rewritten_ops"] == 6
     assert result["gradq_options"] == GradQConfig().to_options()
     assert TrainConfig(**result["config"]).uses_ch_loss and result["adaptive_lr"]
     # AdaptiveLR scaled each quantized layer's learning rate in the last step, by
     # max(exp(-20 (1 - cosine)), 0.1): a factor in [0.1, 1].
     factors = torch.stack(list(trainer.adaptive.factors.values()))
-    assert len(factors) == 5 and torch.all((factors >= 0.1) & (factors <= 1))
+    assert len(factors) == 6 and torch.all((factors >= 0.1) & (factors <= 1))
 
 
 def test_image_folder_run_takes_its_classes(tmp_path):

@@ -75,16 +75,26 @@ def test_weight_decay_skips_biases_norms_and_position_embeddings():
     assert decay | no_decay == set(names.values())
 
 
-def test_layer_groups_give_each_linear_weight_its_own_group():
+def test_layer_groups_give_each_linear_and_conv_weight_its_own_group():
+    # gradq quantizes Linears and GEMM-shaped convolutions (the patch embedding): each such
+    # weight may carry a statistics probe, and AdaptiveLR needs it alone in its group.
     model = timm.create_model("deit_tiny_patch16_224", img_size=16, patch_size=4, depth=1)
     optimizer = build_optimizer(model, "adamw", lr=1e-3, weight_decay=0.05, layer_groups=True)
     names = {id(p): n for n, p in model.named_parameters()}
     groups = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
-    linears = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    assert sorted(g[0] for g in groups[2:]) == sorted(linears)
-    assert all(len(g) == 1 for g in groups[2:])
-    assert "patch_embed.proj.weight" in groups[0] and "head.bias" in groups[1]
-    assert [g["weight_decay"] for g in optimizer.param_groups[2:]] == [0.05] * len(linears)
+    layers = [
+        f"{n}.weight"
+        for n, m in model.named_modules()
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+    ]
+    assert "patch_embed.proj.weight" in layers
+    # Every weight of this model is a layer's or skips decay: the shared decay group is empty
+    # and left out, so the no-decay group comes first.
+    shared, own = groups[: -len(layers)], groups[-len(layers) :]
+    assert sorted(g[0] for g in own) == sorted(layers)
+    assert all(len(g) == 1 for g in own)
+    assert len(shared) == 1 and "head.bias" in shared[0]
+    assert [g["weight_decay"] for g in optimizer.param_groups[1:]] == [0.05] * len(layers)
 
 
 def test_unknown_optimizer_is_a_value_error():

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Everything gradq needs measured on a lent GPU, in one call (the device tool's `run`):
+#   bash examples/gpu_session.sh [QUICK]
+# installs gradq into the machine's python3 (torch, triton and timm are already there; nothing
+# is fetched), runs the GPU tests, then the kernel and training-step benchmarks of issue 3.
+# Results land in $OUT (at most 8 files come back): gpu-tests.log, kernels.json, kernels.png,
+# deit_b.json, bench.log. QUICK=1 skips the step benchmark (the longest part).
+set -uo pipefail
+OUT=${OUT:-out/gpu-session}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+log="$OUT/bench.log"
+
+{
+  date -u +%FT%TZ
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  python3 -c "import torch, triton, timm; print(torch.__version__, triton.__version__, timm.__version__)"
+} >"$log" 2>&1
+
+python3 -m pip install -q --no-deps --no-build-isolation -e . >>"$log" 2>&1 || exit 1
+
+# GPU tests: kernels against their references, compiled models reaching the kernels.
+python3 -m pytest -q -m gpu -p no:cacheprovider >"$OUT/gpu-tests.log" 2>&1
+tail -n 3 "$OUT/gpu-tests.log"
+
+# Kernels alone: ViT-B's linear shapes at batch 128, each role, against cuBLAS bf16 and _int_mm.
+python3 -m gradq_fx bench --kernels --model deit_base_patch16_224 --batch-size 128 \
+  --out "$OUT/kernels" >>"$log" 2>&1
+cp "$OUT"/kernels/kernels.json "$OUT"/kernels/kernels.png "$OUT"/ 2>/dev/null
+
+if [ "${1:-}" != "QUICK" ]; then
+  # One training step: fp32 eager, bf16 eager, bf16 torch.compile and gradq, DeiT-B batch 128.
+  python3 -m gradq_fx bench --model deit_base_patch16_224 --batch-size 128 \
+    --out "$OUT/deit_b" >>"$log" 2>&1
+  cp "$OUT"/deit_b/bench.json "$OUT"/deit_b.json 2>/dev/null
+fi
+rm -rf "$OUT/kernels" "$OUT/deit_b"
+tail -n 40 "$log"

@@ -1,0 +1,240 @@
+"""The step benchmark: a whole training step (forward, cross-entropy, backward, AdamW step,
+zero_grad) of one model under each setting of `SETTINGS`, timed step by step; the speed-ups
+against the float baselines, `StepReport` (bench.json) and its text table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from tabulate import tabulate
+
+from gradq_fx.bench.config import SETTINGS, BenchConfig, Setting
+from gradq_fx.bench.results import (
+    Report,
+    decoded,
+    environment,
+    format_ratio,
+    input_size,
+    log_failure,
+    model_info,
+    say,
+    summary_or_none,
+    timing_info,
+)
+from gradq_fx.bench.timing import Clock, Summary, release
+from gradq_fx.train.model import GradQBackend, create_model
+
+# Every setting's speed-up is reported against each of these that ran.
+BASELINES = ("fp32-eager", "bf16-eager", "bf16-compile")
+
+
+def speedups(medians: Mapping[str, float]) -> dict[str, dict[str, float]]:
+    """For each setting, baseline median / its median, for every baseline in `medians`."""
+    return {
+        name: {base: medians[base] / ms for base in BASELINES if base in medians}
+        for name, ms in medians.items()
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class SettingResult:
+    """One setting's measurements (None where not measured; `error` when it failed)."""
+
+    setting: str
+    samples_ms: tuple[float, ...] = ()
+    ms: Summary | None = None
+    images_per_s: float | None = None
+    speedup: dict[str, float] = dataclasses.field(default_factory=dict)
+    peak_memory_bytes: int | None = None
+    first_step_ms: float | None = None
+    compile_s: float | None = None  # compiled settings: first step less the median step
+    final_loss: float | None = None
+    rewritten_ops: int | None = None  # gradq: matmul-like ops it rewrote into INT8 GEMMs
+    error: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SettingResult:
+        return cls(**decoded(data, {"samples_ms": tuple, "ms": summary_or_none}))
+
+
+@dataclasses.dataclass(frozen=True)
+class StepReport(Report):
+    """bench.json: Report's fields, gradq's options, and one result per setting."""
+
+    MODE: ClassVar[str] = "step"
+    DECODERS: ClassVar[dict[str, Callable]] = {
+        "results": lambda results: {k: SettingResult.from_dict(v) for k, v in results.items()}
+    }
+
+    gradq_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    results: dict[str, SettingResult] = dataclasses.field(default_factory=dict)
+
+    @property
+    def failed(self) -> bool:
+        return any(result.error is not None for result in self.results.values())
+
+
+def _build_model(config: BenchConfig) -> tuple[torch.nn.Module, int]:
+    """The freshly initialised model of the run (seeded) and its input size."""
+    torch.manual_seed(config.seed)
+    model = create_model(
+        config.model, config.num_classes, config.img_size, config.patch_size, config.depth
+    )
+    return model, input_size(model, config.img_size)
+
+
+def make_step(
+    net: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    autocast: bool,
+) -> Callable[[], torch.Tensor]:
+    """One training step on (x, y): forward (under bf16 autocast if asked), cross-entropy in
+    float32, backward, optimizer step, zero_grad. Returns the loss, detached, on the device."""
+
+    def step() -> torch.Tensor:
+        context = (
+            torch.autocast(x.device.type, dtype=torch.bfloat16)
+            if autocast
+            else contextlib.nullcontext()
+        )
+        with context:
+            logits = net(x)
+        loss = F.cross_entropy(logits.float(), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+def run_setting(
+    setting: Setting,
+    model0: torch.nn.Module,
+    batch: tuple[torch.Tensor, torch.Tensor],
+    config: BenchConfig,
+    clock: Clock,
+) -> SettingResult:
+    """Train a copy of model0 on `batch` under `setting`; time its steps."""
+    device = clock.device
+    torch._dynamo.reset()  # a fresh compile per setting, no cache limits carried over
+    release(device)
+    model = copy.deepcopy(model0).to(device).train()
+    counter = None
+    if setting.compiler == "gradq":
+        counter = GradQBackend("gradq")
+        net = torch.compile(model, backend=counter, options=dict(config.options))
+    elif setting.compiler == "inductor":
+        net = torch.compile(model)
+    else:
+        net = model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x, y = (t.to(device) for t in batch)
+    step = make_step(net, optimizer, x, y, setting.autocast)
+    last_loss = []
+
+    def timed_step() -> None:
+        last_loss[:] = [step()]
+
+    say(f"{setting.name}: first step" + (" (compiling)..." if setting.compiler else "..."))
+    _, first_ms = clock.wall_ms(timed_step)
+    if counter is not None and counter.graphs == 0:
+        raise RuntimeError("gradq's backend never ran: the model trained in float")
+    for _ in range(config.warmup - 1):
+        timed_step()
+    first = f"{first_ms / 1e3:.1f} s" if first_ms >= 1e3 else f"{first_ms:.0f} ms"
+    say(f"{setting.name}: first step {first}; timing {config.iters} steps...")
+    samples = clock.time(timed_step, config.iters)
+    ms = Summary.of(samples)
+    say(f"{setting.name}: {ms.median:.2f} ms/step")
+    return SettingResult(
+        setting=setting.name,
+        samples_ms=tuple(samples),
+        ms=ms,
+        images_per_s=config.batch_size * 1e3 / ms.median,
+        peak_memory_bytes=torch.cuda.max_memory_allocated(device) if clock.cuda else None,
+        first_step_ms=first_ms,
+        compile_s=(first_ms - ms.median) / 1e3 if setting.compiler else None,
+        final_loss=last_loss[0].item(),
+        rewritten_ops=counter.rewritten if counter is not None else None,
+    )
+
+
+def run_steps(config: BenchConfig, device: torch.device, command: str) -> StepReport:
+    """The step benchmark of a resolved config: every setting, then the speed-ups."""
+    clock = Clock(device)
+    model0, size = _build_model(config)
+    generator = torch.Generator().manual_seed(config.seed)
+    x = torch.randn(config.batch_size, 3, size, size, generator=generator)
+    y = torch.randint(config.num_classes, (config.batch_size,), generator=generator)
+    results = {}
+    for name in config.settings:
+        try:
+            results[name] = run_setting(SETTINGS[name], model0, (x, y), config, clock)
+        except Exception as error:  # record it; the other settings still run
+            say(f"{name}: failed")
+            results[name] = SettingResult(setting=name, error=log_failure(error))
+    release(device)
+    medians = {name: r.ms.median for name, r in results.items() if r.ms is not None}
+    ratios = speedups(medians)
+    results = {
+        name: dataclasses.replace(r, speedup=ratios.get(name, {})) for name, r in results.items()
+    }
+    notes = {
+        "speedup": "baseline's median ms per step / this setting's",
+        "compile_s": "compiled settings: wall time of the first step (which compiles) less the "
+        "median step",
+    }
+    if not clock.cuda:
+        notes["peak_memory"] = (
+            "not measured on the CPU: torch keeps allocator statistics (max_memory_allocated) "
+            "for CUDA only"
+        )
+    return StepReport(
+        environment=environment(device, command),
+        model={
+            **model_info(config, size),
+            "parameters": sum(p.numel() for p in model0.parameters()),
+        },
+        timing={
+            **timing_info(config, clock),
+            "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        },
+        gradq_options={k: list(v) if isinstance(v, tuple) else v for k, v in config.options},
+        results=results,
+        notes=notes,
+    )
+
+
+def step_table(report: StepReport) -> str:
+    """The step results as one text table ("n/a" where not measured)."""
+    baselines = [b for b in BASELINES if b in report.results and report.results[b].ms]
+    headers = ["setting", "ms/step", "q1-q3 ms", "images/s"]
+    headers += [f"vs {b}" for b in baselines] + ["peak MiB", "compile s", "rewritten"]
+    rows = []
+    for name, r in report.results.items():
+        if r.ms is None:
+            rows.append([name, f"failed: {r.error}"])
+            continue
+        rows.append(
+            [
+                name,
+                r.ms.median,
+                f"{r.ms.q1:.2f}-{r.ms.q3:.2f}",
+                r.images_per_s,
+                *(format_ratio(r.speedup.get(b)) for b in baselines),
+                None if r.peak_memory_bytes is None else r.peak_memory_bytes / 2**20,
+                r.compile_s,
+                r.rewritten_ops,
+            ]
+        )
+    return tabulate(rows, headers=headers, floatfmt=".2f", missingval="n/a")

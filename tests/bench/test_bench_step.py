@@ -1,0 +1,90 @@
+"""`gradq_fx.bench.step`: the speed-ups, bench.json, and a CPU smoke run of the step benchmark.
+
+Timings are never asserted on: only that they exist, are positive and finite.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from PIL import Image
+
+from gradq_fx.bench.chart import chart_size
+from gradq_fx.bench.config import SETTINGS
+from gradq_fx.bench.results import SCHEMA, environment, write_json
+from gradq_fx.bench.step import BASELINES, SettingResult, StepReport, speedups
+from gradq_fx.cli import main
+from tests.bench.conftest import CPU, TINY_MODEL, summary
+
+
+def test_speedups_are_baseline_median_over_setting_median():
+    medians = {"fp32-eager": 120.0, "bf16-eager": 60.0, "bf16-compile": 40.0, "gradq": 32.0}
+    ratios = speedups(medians)
+    for setting, ms in medians.items():
+        expected = {base: medians[base] / ms for base in BASELINES}
+        assert ratios[setting] == pytest.approx(expected)
+    assert ratios["gradq"]["bf16-compile"] == pytest.approx(1.25)
+    assert ratios["bf16-compile"]["bf16-compile"] == 1.0
+
+
+def test_speedups_leave_out_baselines_that_did_not_run():
+    ratios = speedups({"bf16-eager": 50.0, "gradq": 25.0})
+    assert ratios == {"bf16-eager": {"bf16-eager": 1.0}, "gradq": {"bf16-eager": 2.0}}
+
+
+def test_step_report_round_trips_through_json(tmp_path):
+    report = StepReport(
+        environment=environment(CPU, "python -m gradq_fx bench --device cpu"),
+        model={"name": "test_vit", "img_size": 16, "batch_size": 4},
+        timing={"warmup": 1, "iters": 3, "clock": "time.perf_counter"},
+        gradq_options={"exclude": ["head"], "gradient_bits": 6},
+        results={
+            "fp32-eager": SettingResult(
+                "fp32-eager",
+                samples_ms=(9.0, 10.0, 13.0),
+                ms=summary(10.0),
+                images_per_s=400.0,
+                speedup={"fp32-eager": 1.0},
+                first_step_ms=12.0,
+                final_loss=2.3,
+            ),
+            "gradq": SettingResult("gradq", error="RuntimeError: boom"),
+        },
+        notes={"peak_memory": "not measured on the CPU"},
+    )
+    path = tmp_path / "bench.json"
+    write_json(path, report.to_dict())
+    data = json.loads(path.read_text())
+    assert data["schema"] == SCHEMA and data["mode"] == "step"
+    assert set(data["results"]["gradq"]) == set(data["results"]["fp32-eager"])
+    assert StepReport.from_dict(data) == report
+    assert report.failed
+    with pytest.raises(ValueError, match="not a gradq-bench/1 step report"):
+        StepReport.from_dict({**data, "mode": "kernels"})
+
+
+@pytest.mark.slow
+def test_step_smoke_on_cpu(tmp_path, capsys):
+    """All four settings of a one-block test_vit (two Inductor compiles: about 1.5 min)."""
+    assert main(["bench", *TINY_MODEL, "--batch-size", "4", "--out", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert "bench: gradq: first step (compiling)..." in captured.err
+    assert "vs bf16-compile" in captured.out
+    report = StepReport.from_dict(json.loads((tmp_path / "bench.json").read_text()))
+    assert list(report.results) == list(SETTINGS)
+    for name, result in report.results.items():
+        assert result.error is None
+        assert len(result.samples_ms) == 2
+        assert result.ms.median > 0 and math.isfinite(result.ms.median)
+        assert math.isfinite(result.final_loss)
+        assert set(result.speedup) == set(BASELINES)
+        assert result.peak_memory_bytes is None
+        assert (result.compile_s is not None) == (SETTINGS[name].compiler is not None)
+    assert report.results["gradq"].rewritten_ops >= 5  # qkv, proj, fc1, fc2, head at least
+    assert "peak_memory" in report.notes
+    assert report.model["parameters"] > 0 and report.timing["iters"] == 2
+    with Image.open(tmp_path / "bench.png") as image:
+        assert image.size == chart_size(len(SETTINGS))
+        image.verify()
