@@ -11,8 +11,8 @@ holds whole seeds of every setting. `table` prints the mean and standard deviati
 top-1 per model and setting from whatever runs have finished, with the protocol they used.
 
 The protocol defaults are small; on a GPU pass larger ones. On a 2-core CPU the default gradq
-settings train about 40x slower than fp32 (the IQR gradient clipping dominates), which is
-why no table from this script has been committed yet.
+settings trained far slower than fp32 (about 40x in one measurement on a busy machine; the IQR
+gradient clipping dominates), which is why no table from this script has been committed yet.
 """
 
 from __future__ import annotations
