@@ -255,12 +255,13 @@ def _set_globs(config: GradQConfig, key: str, value: Any) -> GradQConfig:
     return dataclasses.replace(config, **{key: tuple(value)})
 
 
-def _set_attention(config: GradQConfig, key: str, value: Any) -> GradQConfig:
-    return dataclasses.replace(config, attention=_choice(Attention, key, value))
+def _set_choice(kind: type[enum.Enum]):
+    """A setter for the config field named like the option, holding a `kind` member."""
 
+    def apply(config: GradQConfig, key: str, value: Any) -> GradQConfig:
+        return dataclasses.replace(config, **{key: _choice(kind, key, value)})
 
-def _set_lowering(config: GradQConfig, key: str, value: Any) -> GradQConfig:
-    return dataclasses.replace(config, lowering=_choice(Lowering, key, value))
+    return apply
 
 
 def _set_gradient_quantizer(config: GradQConfig, key: str, value: Any) -> GradQConfig:
@@ -289,8 +290,8 @@ OPTIONS = {
     "wgrad": _set_bool,
     "stats": _set_bool,
     "convolutions": _set_bool,
-    "attention": _set_attention,
-    "lowering": _set_lowering,
+    "attention": _set_choice(Attention),
+    "lowering": _set_choice(Lowering),
     "include": _set_globs,
     "exclude": _set_globs,
 }

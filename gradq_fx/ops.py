@@ -168,6 +168,16 @@ def quantized_linear(x, weight, bias, site: GemmSite, probe=None) -> torch.Tenso
     return _matmul(x, weight.t(), bias, site, probe)
 
 
+def conv2d_is_gemm(kernel, stride, padding, dilation, groups) -> bool:
+    """Whether F.conv2d with this geometry (pairs of ints) is a GEMM up to a layout change:
+    groups 1, no padding, and a 1x1 kernel (any stride; dilation is moot) or a kernel equal
+    to its stride with dilation 1, whose windows tile the input without overlapping."""
+    if groups != 1 or tuple(padding) != (0, 0):
+        return False
+    kernel, stride = tuple(kernel), tuple(stride)
+    return kernel == (1, 1) or (kernel == stride and tuple(dilation) == (1, 1))
+
+
 def quantized_conv2d(
     x, weight, bias, stride, padding, dilation, groups, site: GemmSite, probe=None
 ) -> torch.Tensor:
@@ -188,9 +198,7 @@ def quantized_conv2d(
     """
     kh, kw = weight.shape[-2:]
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
-    one_by_one = (kh, kw) == (1, 1)
-    patchify = (kh, kw) == stride and dilation == (1, 1)
-    if groups != 1 or padding != (0, 0) or not (one_by_one or patchify):
+    if not conv2d_is_gemm((kh, kw), stride, padding, dilation, groups):
         raise ValueError(
             "quantized_conv2d takes groups 1, padding 0 and a 1x1 kernel or kernel == stride; "
             f"got kernel {(kh, kw)}, stride {stride}, padding {padding}, dilation {dilation}, "
@@ -198,7 +206,7 @@ def quantized_conv2d(
         )
     unbatched = x.dim() == 3
     x, weight, bias = _autocast(x.unsqueeze(0) if unbatched else x, weight, bias)
-    if one_by_one:
+    if (kh, kw) == (1, 1):
         x = x[:, :, :: stride[0], :: stride[1]]  # then cropped to itself, reshaped to rows
     batch, channels, height, width = x.shape
     out_h, out_w = height // kh, width // kw

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import fx
 from torch.fx.operator_schemas import normalize_function
 
+from gradq_fx import ops
 from gradq_fx.config import Attention, GradQConfig
 
 
@@ -129,10 +130,12 @@ class ConvGeometry:
 
     @property
     def is_gemm(self) -> bool:
-        """A GEMM up to a layout change: 1x1 (dilation is moot), or kernel == stride."""
-        if self.groups != 1 or self.padding != (0, 0):
+        """A GEMM up to a layout change (`ops.conv2d_is_gemm`); 'same' padding is not."""
+        if isinstance(self.padding, str):
             return False
-        return self.is_1x1 or (self.kernel == self.stride and self.dilation == (1, 1))
+        return ops.conv2d_is_gemm(
+            self.kernel, self.stride, self.padding, self.dilation, self.groups
+        )
 
 
 def _pair(value) -> tuple[int, int] | None:

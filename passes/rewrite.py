@@ -32,8 +32,7 @@ from torch._dynamo.source import AttrSource
 
 from gradq_fx import ops, stats
 from gradq_fx.config import GradQConfig, Role
-from gradq_fx.passes.annotate import Decision, Kind, conv2d_geometry, parameter_of
-from gradq_fx.passes.annotate import arguments as _arguments
+from gradq_fx.passes.annotate import Decision, Kind, arguments, conv2d_geometry, parameter_of
 
 
 def site_for(module: str, config: GradQConfig, right_is_weight: bool) -> ops.GemmSite:
@@ -86,24 +85,24 @@ def _placeholder(node: fx.Node) -> fx.Node:
 
 def _replacement(gm: fx.GraphModule, node: fx.Node, decision: Decision, config: GradQConfig):
     """(function, args, kwargs) of the gradq call that replaces `node`."""
-    arguments = _arguments(node)
+    named = arguments(node)
     if decision.kind is Kind.LINEAR:  # F.linear(x, W, b), or matmul(x, W) with W [K, N]
         site = site_for(decision.module, config, right_is_weight=True)
-        if "weight" in arguments:
-            probe = _probe(gm, arguments["weight"], site, config)
-            args = (arguments["input"], arguments["weight"], arguments.get("bias"))
+        if "weight" in named:
+            probe = _probe(gm, named["weight"], site, config)
+            args = (named["input"], named["weight"], named.get("bias"))
             return ops.quantized_linear, args, {"site": site, "probe": probe}
-        probe = _probe(gm, arguments["other"], site, config)
-        args = (arguments["input"], arguments["other"])
+        probe = _probe(gm, named["other"], site, config)
+        args = (named["input"], named["other"])
         return ops.quantized_matmul, args, {"site": site, "probe": probe}
     if decision.kind is Kind.MATMUL:
         site = site_for(f"{decision.module}[{node.name}]", config, right_is_weight=False)
-        return ops.quantized_matmul, (arguments["input"], arguments["other"]), {"site": site}
+        return ops.quantized_matmul, (named["input"], named["other"]), {"site": site}
     if decision.kind is Kind.CONVOLUTION:  # a conv2d that is a GEMM (annotate checked it)
         site = site_for(decision.module, config, right_is_weight=True)
-        probe = _probe(gm, arguments["weight"], site, config)
+        probe = _probe(gm, named["weight"], site, config)
         g = conv2d_geometry(node)
-        args = (arguments["input"], arguments["weight"], arguments["bias"])
+        args = (named["input"], named["weight"], named["bias"])
         args += (g.stride, g.padding, g.dilation, g.groups)
         return ops.quantized_conv2d, args, {"site": site, "probe": probe}
     if decision.kind is Kind.ATTENTION:
@@ -111,8 +110,8 @@ def _replacement(gm: fx.GraphModule, node: fx.Node, decision: Decision, config: 
             f"{name}_site": site_for(f"{decision.module}[{name}]", config, right_is_weight=False)
             for name in ("qk", "pv")
         }
-        args = (arguments.pop("query"), arguments.pop("key"), arguments.pop("value"))
-        return ops.quantized_attention, args, {**arguments, **sites}
+        args = (named.pop("query"), named.pop("key"), named.pop("value"))
+        return ops.quantized_attention, args, {**named, **sites}
     raise ValueError(f"gradq cannot rewrite a {decision.kind.value} node ({node.name})")
 
 
