@@ -128,6 +128,35 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "--compile", action="store_true", help="fp32/bf16: torch.compile with Inductor"
     )
 
+    qat = parser.add_argument_group("low-bit QAT (Quantization Variation)")
+    qat.add_argument(
+        "--weight-bits",
+        type=int,
+        default=d.weight_bits,
+        metavar="B",
+        help="forward GEMM weight width, 2 to 8 (below 8: fake quantization; default 8)",
+    )
+    qat.add_argument(
+        "--activation-bits",
+        type=int,
+        default=d.activation_bits,
+        metavar="B",
+        help="forward GEMM input width, 2 to 8 (default 8)",
+    )
+    qat.add_argument(
+        "--lsq",
+        action="store_true",
+        help="learnable LSQ step sizes at those widths on the Linears (the head stays 8-bit)",
+    )
+    qat.add_argument(
+        "--obr", action="store_true", help="add the oscillation-aware bin regularizer (--lsq)"
+    )
+    qat.add_argument(
+        "--teacher",
+        metavar="CHECKPOINT",
+        help="distil (soft cross-entropy) from a float run's checkpoint.pt of this command",
+    )
+
     optimisation = parser.add_argument_group("optimisation")
     optimisation.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
     optimisation.add_argument(

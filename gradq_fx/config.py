@@ -118,6 +118,30 @@ class QuantSpec:
         )
 
 
+# A GEMM operand that an LSQ quantizer (`gradq_fx.qat`) fake-quantized upstream travels as
+# "lsq:<bits>" where a QuantSpec.encode() string would: the GEMM uses it as is.
+LSQ_OPERAND_PREFIX = "lsq:"
+
+
+def lsq_operand(bits: int) -> str:
+    """The operand string of an input already LSQ-fake-quantized at `bits`: 'lsq:4'."""
+    return f"{LSQ_OPERAND_PREFIX}{bits}"
+
+
+def decode_operand(text: str) -> QuantSpec | None:
+    """A GEMM operand string as its QuantSpec, or None for an LSQ operand (used as is)."""
+    if text.startswith(LSQ_OPERAND_PREFIX):
+        return None
+    return QuantSpec.decode(text)
+
+
+def operand_bits(text: str) -> int:
+    """The bit width of a GEMM operand string (QuantSpec or LSQ)."""
+    if text.startswith(LSQ_OPERAND_PREFIX):
+        return int(text.removeprefix(LSQ_OPERAND_PREFIX))
+    return QuantSpec.decode(text).bits
+
+
 @dataclasses.dataclass(frozen=True)
 class GradQConfig:
     """Everything gradq's rewrite needs to know. All fields have defaults that just work.

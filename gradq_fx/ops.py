@@ -10,6 +10,10 @@ same numerics through gradq's fused kernels) for Inductor to compile.
 `quantized_linear`, `quantized_matmul` and `quantized_conv2d` are what the Dynamo-level
 rewrite calls in place of `F.linear`, `torch.matmul` and `F.conv2d`: autograd functions whose
 forward and backward are `gradq.mm`s.
+
+`torch.ops.gradq.lsq_fake_quantize` is LSQ fake quantization (`quantizer.lsq_forward`, with
+`quantizer.lsq_backward` as its autograd formula) as one opaque node, so that gradq's
+annotate pass can see that a GEMM operand is already quantized by a learnable quantizer.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
 from gradq_fx import quantizer
-from gradq_fx.config import Clipping, Granularity, QuantSpec, Role, Rounding
+from gradq_fx.config import Clipping, Granularity, QuantSpec, Role, Rounding, decode_operand
 from gradq_fx.kernels import gemm
 from gradq_fx.kernels import quantize as quantize_kernel
 
@@ -51,10 +55,62 @@ def mm_reference(a, b, bias, a_spec: str, b_spec: str) -> torch.Tensor:
     """What one `gradq.mm` computes, in plain torch (traceable); the result has a's dtype."""
     if a_spec and b_spec:
         return quantizer.quantized_matmul(
-            a, b, QuantSpec.decode(a_spec), QuantSpec.decode(b_spec), bias
+            a, b, decode_operand(a_spec), decode_operand(b_spec), bias
         )
     out = torch.matmul(a, b)
     return (out if bias is None else out + bias).to(a.dtype)
+
+
+@torch.library.custom_op("gradq::lsq_fake_quantize", mutates_args=())
+def lsq_fake_quantize_op(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    offset: torch.Tensor | None,
+    grad_scale: torch.Tensor,
+    low: int,
+    high: int,
+) -> torch.Tensor:
+    """`quantizer.lsq_forward`; its gradient is `quantizer.lsq_backward`'s (LSQ's)."""
+    return quantizer.lsq_forward(x, scale, offset, low, high)
+
+
+@lsq_fake_quantize_op.register_fake
+def _(x, scale, offset, grad_scale, low, high):
+    return torch.empty_like(x)
+
+
+def _lsq_setup_context(ctx, inputs, output):
+    x, scale, offset, grad_scale, low, high = inputs
+    ctx.save_for_backward(x, scale, offset, grad_scale)
+    ctx.bounds = (low, high)
+
+
+def _lsq_backward(ctx, grad_output):
+    x, scale, offset, grad_scale = ctx.saved_tensors
+    grads = quantizer.lsq_backward(grad_output, x, scale, offset, *ctx.bounds, grad_scale)
+    return *grads, None, None, None
+
+
+lsq_fake_quantize_op.register_autograd(_lsq_backward, setup_context=_lsq_setup_context)
+
+
+def lsq_fake_quantize(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    offset: torch.Tensor | None = None,
+    *,
+    bits: int,
+    signed: bool = True,
+    grad_scale: torch.Tensor | float = 1.0,
+) -> torch.Tensor:
+    """`quantizer.lsq_fake_quantize` (same arguments, same numbers) as the custom op."""
+    low, high, grad_scale = quantizer.lsq_arguments(scale, offset, bits, signed, grad_scale)
+    return torch.ops.gradq.lsq_fake_quantize.default(x, scale, offset, grad_scale, low, high)
+
+
+def lsq_bits(low: int, high: int) -> int:
+    """The bit width of an LSQ quantizer from its integer range (high - low + 1 = 2^bits)."""
+    return (high - low).bit_length()
 
 
 def _quantize_rows(rows: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:

@@ -217,19 +217,40 @@ def simulate(x: torch.Tensor, spec: QuantSpec, dim: int) -> torch.Tensor:
     return dequantize(*quantize(x, spec, dim))
 
 
+def _fake_quantized(x: torch.Tensor, spec: QuantSpec | None, dim: int) -> torch.Tensor:
+    """x as a fake-quantized GEMM operand (float32): as is when spec is None (quantized
+    upstream, by an LSQ quantizer), else `simulate`d with spec."""
+    return x.float() if spec is None else simulate(x, spec, dim)
+
+
+def is_fake_quantized(a_spec: QuantSpec | None, b_spec: QuantSpec | None) -> bool:
+    """Whether `quantized_matmul` runs this GEMM as fake quantization rather than INT8: an
+    operand quantized upstream (None), below 8 bits, or with the IQS codebook."""
+    specs = (a_spec, b_spec)
+    if None in specs:
+        return True
+    return any(s.bits < 8 or s.clipping is Clipping.IQS for s in specs)
+
+
 def quantized_matmul(
     a: torch.Tensor,
     b: torch.Tensor,
-    a_spec: QuantSpec,
-    b_spec: QuantSpec,
+    a_spec: QuantSpec | None,
+    b_spec: QuantSpec | None,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """a @ b with both operands quantized (module docstring); output in a's dtype.
 
-    With an IQS operand the GEMM is simulated: both operands decoded, float32 GEMM.
+    At 8 bits: the INT8 GEMM. Otherwise (`is_fake_quantized`) fake quantization: each operand
+    quantized and dequantized (or decoded, for IQS; or taken as is where its spec is None,
+    i.e. an LSQ quantizer already did it), then a float32 GEMM. Below 8 bits an INT8 GEMM of
+    the codes would be exact too; fake quantization is what low-bit QAT trains with
+    (Quantization Variation's code), it keeps one code path for LSQ and min-max operands, and
+    no sub-8-bit GEMM kernel exists here to make it faster.
     """
-    if Clipping.IQS in (a_spec.clipping, b_spec.clipping):
-        out = torch.matmul(simulate(a, a_spec, dim=-1), simulate(b, b_spec, dim=-2))
+    if is_fake_quantized(a_spec, b_spec):
+        a_q, b_q = _fake_quantized(a, a_spec, dim=-1), _fake_quantized(b, b_spec, dim=-2)
+        out = torch.matmul(a_q, b_q)
     else:
         a_q, a_scale = quantize(a, a_spec, dim=-1)
         b_q, b_scale = quantize(b, b_spec, dim=-2)
@@ -360,40 +381,67 @@ def lsq_clipped(
     return clipped if offset is None else clipped + offset
 
 
+def lsq_forward(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    offset: torch.Tensor | None,
+    low: int,
+    high: int,
+) -> torch.Tensor:
+    """x_q = clamp(round((x - offset) / s), low, high) * s + offset, in x's dtype (no gradient
+    rule of its own: `LSQFakeQuantize` and the `gradq::lsq_fake_quantize` op add LSQ's)."""
+    codes = _lsq_round(_lsq_ratio(x, scale, offset), low, high)
+    restored = codes * scale.clamp_min(LSQ_MIN_STEP)
+    return (restored if offset is None else restored + offset).to(x.dtype)
+
+
+def lsq_backward(
+    grad_output: torch.Tensor,
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    offset: torch.Tensor | None,
+    low: int,
+    high: int,
+    step_grad_scale: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """LSQ's straight-through gradients (section comment): (dx, ds, doffset or None)."""
+    ratio = _lsq_ratio(x, scale, offset)
+    codes = _lsq_round(ratio, low, high)
+    inside = (ratio > low) & (ratio < high)
+    grad = grad_output.float()
+    grad_x = torch.where(inside, grad, 0.0).to(x.dtype)
+    # round(v) - v inside; the clamped code (low or high) outside.
+    step_slope = codes - torch.where(inside, ratio, 0.0)
+    grad_scale = (grad * step_slope).sum_to_size(scale.shape) * step_grad_scale
+    grad_offset = None
+    if offset is not None:
+        grad_offset = torch.where(inside, 0.0, grad).sum_to_size(offset.shape).to(offset.dtype)
+    return grad_x, grad_scale.to(scale.dtype), grad_offset
+
+
 class LSQFakeQuantize(torch.autograd.Function):
-    """x_q = clamp(round((x - offset) / s), low, high) * s + offset with LSQ's gradients.
+    """`lsq_forward` with `lsq_backward`'s gradients, for eager use.
 
     Arguments: x, scale (broadcastable against x), offset (same, or None), low, high (ints),
     grad_scale (a tensor of scale's shape, or 0-dim). Computed in float32, the result and x's
-    gradient in x's dtype. See the section comment for the gradients.
+    gradient in x's dtype. Under torch.compile models use `gradq_fx.ops.lsq_fake_quantize`
+    instead (the same two functions as one custom op the rewrite can see).
     """
 
     @staticmethod
     def forward(ctx, x, scale, offset, low, high, grad_scale):
-        ratio = _lsq_ratio(x, scale, offset)
-        codes = _lsq_round(ratio, low, high)
         saved_offset = offset if offset is not None else scale.new_zeros(())
         ctx.save_for_backward(x, scale, saved_offset, grad_scale)
         ctx.has_offset, ctx.bounds = offset is not None, (low, high)
-        restored = codes * scale.clamp_min(LSQ_MIN_STEP)
-        return (restored if offset is None else restored + offset).to(x.dtype)
+        return lsq_forward(x, scale, offset, low, high)
 
     @staticmethod
     def backward(ctx, grad_output):
         x, scale, offset, step_grad_scale = ctx.saved_tensors
         low, high = ctx.bounds
-        ratio = _lsq_ratio(x, scale, offset if ctx.has_offset else None)
-        codes = _lsq_round(ratio, low, high)
-        inside = (ratio > low) & (ratio < high)
-        grad = grad_output.float()
-        grad_x = torch.where(inside, grad, 0.0).to(x.dtype)
-        # round(v) - v inside; the clamped code (low or high) outside.
-        step_slope = codes - torch.where(inside, ratio, 0.0)
-        grad_scale = (grad * step_slope).sum_to_size(scale.shape) * step_grad_scale
-        grad_offset = None
-        if ctx.has_offset:
-            grad_offset = torch.where(inside, 0.0, grad).sum_to_size(offset.shape)
-        return grad_x, grad_scale.to(scale.dtype), grad_offset, None, None, None
+        offset = offset if ctx.has_offset else None
+        grads = lsq_backward(grad_output, x, scale, offset, low, high, step_grad_scale)
+        return *grads, None, None, None
 
 
 def lsq_fake_quantize(
@@ -410,6 +458,18 @@ def lsq_fake_quantize(
     grad_scale: a float, or a tensor with one value per step size (any shape of scale.numel()
     elements, e.g. `lsq_weight_grad_scale`'s [C] for a [C, 1] scale).
     """
+    low, high, grad_scale = lsq_arguments(scale, offset, bits, signed, grad_scale)
+    return LSQFakeQuantize.apply(x, scale, offset, low, high, grad_scale)
+
+
+def lsq_arguments(
+    scale: torch.Tensor,
+    offset: torch.Tensor | None,
+    bits: int,
+    signed: bool,
+    grad_scale: torch.Tensor | float,
+) -> tuple[int, int, torch.Tensor]:
+    """Checked (low, high, grad_scale tensor) of an LSQ fake quantization's arguments."""
     low, high = lsq_bounds(bits, signed)
     if offset is not None and signed:
         raise ValueError("lsq_fake_quantize: an offset goes with an unsigned quantizer")
@@ -418,8 +478,7 @@ def lsq_fake_quantize(
         raise ValueError(
             f"grad_scale has {grad_scale.numel()} values for {scale.numel()} step sizes"
         )
-    grad_scale = grad_scale.reshape(scale.shape if grad_scale.numel() > 1 else ())
-    return LSQFakeQuantize.apply(x, scale, offset, low, high, grad_scale)
+    return low, high, grad_scale.reshape(scale.shape if grad_scale.numel() > 1 else ())
 
 
 def _lsq_rows(x: torch.Tensor, per_channel: bool) -> torch.Tensor:

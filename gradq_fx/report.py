@@ -26,9 +26,16 @@ from torch import fx
 from torch.utils.flop_counter import conv_flop_count, flop_registry
 
 from gradq_fx.backend import prepare, to_config
-from gradq_fx.config import GradQConfig, QuantSpec, Role
+from gradq_fx.config import GradQConfig, Role, decode_operand, operand_bits
 from gradq_fx.passes.annotate import Decision, module_path
-from gradq_fx.passes.lower import FLOAT_LOWERING, SIMULATED_LOWERING, lowering_of, resolve
+from gradq_fx.passes.lower import (
+    FLOAT_LOWERING,
+    LSQ_LOWERING,
+    SIMULATED_LOWERING,
+    lowering_of,
+    resolve,
+    runs_in_int8,
+)
 
 aten = torch.ops.aten
 
@@ -49,11 +56,15 @@ _PASSTHROUGH = {
 }  # fmt: skip
 
 
-# gradq GEMMs that do not run in INT8, and the reason the report gives.
-_NOT_INT8 = {
-    FLOAT_LOWERING: "{role} disabled by config ({role}=False)",
-    SIMULATED_LOWERING: "IQS codebook: simulated (decoded operands, float GEMM)",
-}
+def _not_int8_reason(lowering: str, role: str) -> str:
+    """Why a gradq GEMM with this lowering (`lowering_of`) does not run in INT8."""
+    if lowering == FLOAT_LOWERING:
+        return f"{role} disabled by config ({role}=False)"
+    if lowering == SIMULATED_LOWERING:
+        return "IQS codebook: simulated (decoded operands, float GEMM)"
+    if lowering.startswith(LSQ_LOWERING):
+        return f"{lowering}: LSQ quantizers quantized the operands upstream; float GEMM"
+    return f"{lowering}: below 8 bits, fake quantization (quantize, dequantize, float GEMM)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +100,7 @@ class Report:
 
     @property
     def int8_gemms(self) -> tuple[GemmRow, ...]:
-        return tuple(row for row in self.gemms if row.lowering not in _NOT_INT8)
+        return tuple(row for row in self.gemms if runs_in_int8(row.lowering))
 
     def coverage(self) -> dict[str, dict[str, float]]:
         """Per role and in total: GEMM FLOPs in INT8, all matmul-like FLOPs, and their ratio."""
@@ -168,7 +179,9 @@ def _ratio(part: int, whole: int) -> float:
 def _spec_text(spec: str) -> str:
     if not spec:
         return "float"
-    s = QuantSpec.decode(spec)
+    s = decode_operand(spec)
+    if s is None:
+        return f"LSQ int{operand_bits(spec)} (quantized upstream)"
     scaled = " scaled" if s.scaling else ""
     return f"int{s.bits} {s.granularity.value} {s.rounding.value} {s.clipping.value}{scaled}"
 
@@ -342,14 +355,17 @@ def analyse(captured: list[_Captured], config: GradQConfig, training: bool) -> R
             graph = facts.graph_of(node)
             if node.target is torch.ops.gradq.mm.default:
                 a, b, _bias, a_spec, b_spec, role, module = node.args
-                lowering = lowering_of(a_spec, b_spec, resolve(config.lowering, _device(a)))
+                # Activation x activation sites are named "module[node]" (rewrite.py).
+                right_is_weight = not module.endswith("]")
+                resolved = resolve(config.lowering, _device(a))
+                lowering = lowering_of(a_spec, b_spec, resolved, right_is_weight)
                 row = GemmRow(
                     graph, role, module, _shape(a), _shape(b), a_spec, b_spec,
                     lowering, _flops(node), facts.roles_of(node)[0][0],
                 )  # fmt: skip
                 gemms.append(row)
-                if row.lowering in _NOT_INT8:
-                    reason = _NOT_INT8[row.lowering].format(role=role)
+                if not runs_in_int8(row.lowering):
+                    reason = _not_int8_reason(row.lowering, role)
                     float_ops.append(FloatOp(graph, role, "gradq.mm", module, row.flops, reason))
                 continue
             module = module_path(node)

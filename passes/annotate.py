@@ -48,6 +48,9 @@ class Decision:
     module: str
     quantize: bool
     reason: str
+    # The bit widths of the (left, right) operands that LSQ quantizers already fake-quantized
+    # (`gradq_fx.qat`), None for an operand the GEMM quantizes itself.
+    lsq_bits: tuple[int | None, int | None] = (None, None)
 
 
 _LINEAR = {F.linear, torch._C._nn.linear}
@@ -59,6 +62,9 @@ _TRANSPOSED = {F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d}
 _CONVOLUTION = {F.conv1d, F.conv2d, F.conv3d, *_TRANSPOSED}
 _OTHER_FUNCTIONS = {torch.addmm, torch.baddbmm, torch.addbmm, torch.einsum, torch.bilinear}
 _VIEW_METHODS = {"t", "transpose", "permute", "view", "reshape", "contiguous", "expand", "mT"}
+_VIEW_FUNCTIONS = {torch.t, torch.transpose, torch.permute, torch.reshape}
+_LSQ = torch.ops.gradq.lsq_fake_quantize
+_BLOCKS = {"chunk", "split", torch.chunk, torch.split}  # targets whose getitems are row blocks
 
 
 def kind_of(node: fx.Node) -> Kind | None:
@@ -215,10 +221,31 @@ def module_path(node: fx.Node) -> str:
     return re.sub(r"^L\['[^']*'\]\.?", "", path)
 
 
+def _is_view(node: fx.Node) -> bool:
+    return (node.op == "call_method" and node.target in _VIEW_METHODS) or (
+        node.op == "call_function" and node.target in _VIEW_FUNCTIONS
+    )
+
+
+def _source(node: fx.Node) -> fx.Node:
+    """The node whose value `node` reads: behind view-like ops, LSQ fake quantization (its
+    input), and row blocks of chunk or split (a q, k or v block of a fused qkv weight)."""
+    while True:
+        if _is_view(node) or (node.op == "call_function" and node.target in (_LSQ, _LSQ.default)):
+            node = node.args[0]
+        elif (
+            node.target is operator.getitem
+            and isinstance(node.args[0], fx.Node)
+            and node.args[0].target in _BLOCKS
+        ):
+            node = node.args[0].args[0]
+        else:
+            return node
+
+
 def parameter_of(node: fx.Node) -> torch.nn.Parameter | None:
-    """The parameter a node reads (possibly behind view-like ops), if Dynamo recorded it."""
-    while node.op == "call_method" and node.target in _VIEW_METHODS:
-        node = node.args[0]
+    """The parameter a node reads (`_source`), if Dynamo recorded it."""
+    node = _source(node)
     if node.op != "placeholder":
         return None
     grapharg = node.meta.get("grapharg")
@@ -227,13 +254,34 @@ def parameter_of(node: fx.Node) -> torch.nn.Parameter | None:
 
 
 def is_parameter(node: fx.Node) -> bool:
-    """True if the node is a parameter placeholder or attribute, possibly behind view-like ops."""
-    while node.op == "call_method" and node.target in _VIEW_METHODS:
+    """True if the node reads a parameter placeholder or attribute (`_source`)."""
+    return _source(node).op == "get_attr" or parameter_of(node) is not None
+
+
+def lsq_bits_of(node: fx.Node) -> int | None:
+    """The bit width of the LSQ quantizer whose output `node` is (behind view-like ops, or a
+    concatenation of such outputs at one width: a fused qkv weight), else None."""
+    while _is_view(node):
         node = node.args[0]
-    return node.op == "get_attr" or parameter_of(node) is not None
+    if node.op != "call_function":
+        return None
+    if node.target in (_LSQ, _LSQ.default):
+        named = arguments(node)
+        return ops.lsq_bits(named["low"], named["high"])
+    if node.target is torch.cat:
+        parts = node.kwargs.get("tensors", node.args[0] if node.args else ())
+        widths = {lsq_bits_of(p) if isinstance(p, fx.Node) else None for p in parts}
+        return widths.pop() if len(widths) == 1 else None
+    return None
 
 
-def _filter_reason(module: str, config: GradQConfig) -> str | None:
+def _lsq_text(bits: tuple[int | None, int | None], right_is_weight: bool) -> str:
+    """'W4A4' style: the LSQ widths of a GEMM's operands ('-' for one the GEMM quantizes)."""
+    left, right = ("-" if b is None else str(b) for b in bits)
+    return f"W{right}A{left}" if right_is_weight else f"A{left}A{right}"
+
+
+def filter_reason(module: str, config: GradQConfig) -> str | None:
     """Why the include/exclude globs keep this module in float, or None if they do not."""
     if not any(fnmatch.fnmatchcase(module, pattern) for pattern in config.include):
         return f"not matched by include={list(config.include)}"
@@ -276,9 +324,17 @@ def _decide(node: fx.Node, kind: Kind, config: GradQConfig) -> Decision:
         return Decision(node.name, kind, module, False, reason)
     if kind in (Kind.MATMUL, Kind.ATTENTION) and config.attention is Attention.FLOAT:
         return Decision(node.name, kind, module, False, "attention kept float (attention='float')")
-    reason = _filter_reason(module, config)
+    reason = filter_reason(module, config)
     if reason is not None:
         return Decision(node.name, kind, module, False, reason)
+    if kind in (Kind.LINEAR, Kind.MATMUL):
+        named = arguments(node)
+        right = named.get("weight", named.get("other"))
+        bits = (lsq_bits_of(named["input"]), lsq_bits_of(right))
+        if bits != (None, None):
+            text = _lsq_text(bits, kind is Kind.LINEAR)
+            reason = f"LSQ fake-quant {text}: operands quantized upstream, float forward GEMM"
+            return Decision(node.name, kind, module, True, reason, bits)
     return Decision(node.name, kind, module, True, "int8")
 
 
@@ -289,7 +345,7 @@ def _decide_convolution(node: fx.Node, module: str, config: GradQConfig) -> Deci
     if reason is None and not config.convolutions:
         reason = "convolutions kept float (convolutions=False)"
     if reason is None:
-        reason = _filter_reason(module, config)
+        reason = filter_reason(module, config)
     if reason is not None:
         return Decision(node.name, Kind.CONVOLUTION, module, False, reason)
     shape = "1x1" if conv2d_geometry(node).is_1x1 else "patchify (kernel = stride)"

@@ -38,13 +38,18 @@ from torch._inductor.pattern_matcher import (
 )
 
 import gradq_fx
-from gradq_fx import kernels, ops
-from gradq_fx.config import Clipping, Lowering, QuantSpec
+from gradq_fx import kernels, ops, quantizer
+from gradq_fx.config import Clipping, Lowering, decode_operand, operand_bits
 
 # What a gradq.mm is lowered to, as the report names it: the resolved `Lowering`'s value
 # ('reference', 'inductor_template', 'triton'), or one of these.
 SIMULATED_LOWERING = "simulated"  # IQS operand: decoded operands, float GEMM
 FLOAT_LOWERING = "float matmul"  # a role the config keeps in float
+# Fake quantization (quantize, dequantize, float GEMM): an operand below 8 bits, named with
+# the operands' widths ("fake-quant W4A4"); "LSQ fake-quant W4A4" where LSQ quantizers
+# (gradq_fx.qat) quantized the operands upstream and the GEMM takes them as they are.
+FAKE_QUANT_LOWERING = "fake-quant"
+LSQ_LOWERING = "LSQ fake-quant"
 
 
 def resolve(lowering: Lowering, device: torch.device) -> Lowering:
@@ -60,12 +65,32 @@ def resolve(lowering: Lowering, device: torch.device) -> Lowering:
     return lowering
 
 
-def lowering_of(a_spec: str, b_spec: str, lowering: Lowering = Lowering.REFERENCE) -> str:
-    """The report's name for what a gradq.mm with these specs becomes (`lowering` resolved)."""
+def lowering_of(
+    a_spec: str,
+    b_spec: str,
+    lowering: Lowering = Lowering.REFERENCE,
+    right_is_weight: bool = True,
+) -> str:
+    """The report's name for what a gradq.mm with these specs becomes (`lowering` resolved).
+
+    right_is_weight: name fake-quantized operands W<bits>A<bits> (else A<bits>A<bits>).
+    """
     if not (a_spec and b_spec):
         return FLOAT_LOWERING
-    iqs = Clipping.IQS in (QuantSpec.decode(a_spec).clipping, QuantSpec.decode(b_spec).clipping)
-    return SIMULATED_LOWERING if iqs else lowering.value
+    a, b = decode_operand(a_spec), decode_operand(b_spec)
+    if Clipping.IQS in (getattr(a, "clipping", None), getattr(b, "clipping", None)):
+        return SIMULATED_LOWERING
+    if not quantizer.is_fake_quantized(a, b):
+        return lowering.value
+    kind = LSQ_LOWERING if None in (a, b) else FAKE_QUANT_LOWERING
+    a_bits, b_bits = operand_bits(a_spec), operand_bits(b_spec)
+    widths = f"W{b_bits}A{a_bits}" if right_is_weight else f"A{a_bits}A{b_bits}"
+    return f"{kind} {widths}"
+
+
+def runs_in_int8(lowering: str) -> bool:
+    """Whether a GEMM `lowering_of` names so runs as an INT8 GEMM."""
+    return lowering in {member.value for member in Lowering}
 
 
 def _device(node: fx.Node) -> torch.device:

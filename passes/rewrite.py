@@ -26,19 +26,45 @@ Nodes keep their metadata (the value, its shape and dtype are unchanged).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import fx
 from torch._dynamo.source import AttrSource
 
 from gradq_fx import ops, stats
-from gradq_fx.config import GradQConfig, Role
+from gradq_fx.config import GradQConfig, QuantSpec, Role, lsq_operand
 from gradq_fx.passes.annotate import Decision, Kind, arguments, conv2d_geometry, parameter_of
 
 
-def site_for(module: str, config: GradQConfig, right_is_weight: bool) -> ops.GemmSite:
-    """The operand specs of a GEMM's three roles; ("", "") where the config keeps a role float."""
+def _at_8_bits(spec: QuantSpec) -> str:
+    return dataclasses.replace(spec, bits=8).encode()
+
+
+def site_for(
+    module: str,
+    config: GradQConfig,
+    right_is_weight: bool,
+    lsq_bits: tuple[int | None, int | None] = (None, None),
+) -> ops.GemmSite:
+    """The operand specs of a GEMM's three roles; ("", "") where the config keeps a role float.
+
+    Forward: the config's weight and activation specs (fake quantization below 8 bits, in
+    `quantizer.quantized_matmul`), or `lsq_operand(bits)` for an operand an LSQ quantizer
+    already fake-quantized (`lsq_bits`), which the GEMM takes as is. Backward (dgrad, wgrad):
+    the gradient's own spec, and the other operand re-quantized at 8 bits whatever its
+    forward width, so both backward GEMMs stay INT8 (per the kept dimension, as ever). With
+    LSQ that operand is the fake-quantized one the forward saw, as the straight-through
+    estimator wants; a 2- to 4-bit min-max re-quantization per input channel would instead
+    add a second, different coarse error to the gradient.
+    """
     act, grad = config.activation.encode(), config.gradient.encode()
     right = config.weight.encode() if right_is_weight else act
+    left_bits, right_bits = lsq_bits
+    left = act if left_bits is None else lsq_operand(left_bits)
+    right = right if right_bits is None else lsq_operand(right_bits)
+    act8 = _at_8_bits(config.activation)
+    right8 = _at_8_bits(config.weight) if right_is_weight else act8
     role_b = Role.WGRAD if right_is_weight else Role.DGRAD
 
     def specs(role: Role, left: str, right: str) -> tuple[str, str]:
@@ -46,9 +72,9 @@ def site_for(module: str, config: GradQConfig, right_is_weight: bool) -> ops.Gem
 
     return ops.GemmSite(
         module=module,
-        forward=specs(Role.FORWARD, act, right),
-        dgrad_a=specs(Role.DGRAD, grad, right),
-        dgrad_b=specs(role_b, act, grad),
+        forward=specs(Role.FORWARD, left, right),
+        dgrad_a=specs(Role.DGRAD, grad, right8),
+        dgrad_b=specs(role_b, act8, grad),
         role_b=role_b.value,
     )
 
@@ -67,17 +93,23 @@ def _probe(gm: fx.GraphModule, weight: fx.Node, site: ops.GemmSite, config: Grad
     if probe is None:
         probe = torch.nn.Parameter(torch.zeros(3, device=parameter.device))
         setattr(parameter, stats.PROBE_ATTRIBUTE, probe)
-    name = f"gradq_probe_{len(list(gm.named_parameters()))}"
-    gm.register_parameter(name, probe)
-    # AOTAutograd asks Dynamo where each parameter of a Dynamo graph lives (for its guards):
-    # on the weight, under the probe attribute.
-    if hasattr(gm, "_param_name_to_source"):
-        weight_source = _placeholder(weight).meta["grapharg"].source
-        gm._param_name_to_source[name] = AttrSource(weight_source, stats.PROBE_ATTRIBUTE)
+    # Several GEMMs may read one weight (LSQ's q, k and v blocks of a fused qkv weight): they
+    # share its probe, registered once, and their statistics add up in its gradient.
+    registered = {id(p): n for n, p in gm.named_parameters()}
+    name = registered.get(id(probe))
+    if name is None:
+        name = f"gradq_probe_{len(registered)}"
+        gm.register_parameter(name, probe)
+        # AOTAutograd asks Dynamo where each parameter of a Dynamo graph lives (for its
+        # guards): on the weight, under the probe attribute.
+        if hasattr(gm, "_param_name_to_source"):
+            weight_source = _placeholder(weight).meta["grapharg"].source
+            gm._param_name_to_source[name] = AttrSource(weight_source, stats.PROBE_ATTRIBUTE)
     return gm.graph.get_attr(name)
 
 
 def _placeholder(node: fx.Node) -> fx.Node:
+    """The weight's placeholder behind views, LSQ and q/k/v blocks (each reads args[0])."""
     while node.op != "placeholder":
         node = node.args[0]
     return node
@@ -87,7 +119,7 @@ def _replacement(gm: fx.GraphModule, node: fx.Node, decision: Decision, config: 
     """(function, args, kwargs) of the gradq call that replaces `node`."""
     named = arguments(node)
     if decision.kind is Kind.LINEAR:  # F.linear(x, W, b), or matmul(x, W) with W [K, N]
-        site = site_for(decision.module, config, right_is_weight=True)
+        site = site_for(decision.module, config, True, decision.lsq_bits)
         if "weight" in named:
             probe = _probe(gm, named["weight"], site, config)
             args = (named["input"], named["weight"], named.get("bias"))

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradq_fx import quantizer
+from gradq_fx import ops, quantizer
 
 KINDS = ("weight", "activation")
 
@@ -99,7 +99,7 @@ class LSQQuantizer(nn.Module):
             if not bool(self.initialised):
                 self.initialise(x.detach())
             self._seen_initialised = True
-        return quantizer.lsq_fake_quantize(
+        return ops.lsq_fake_quantize(
             x,
             self._scale_for(x),
             self.offset,

@@ -6,7 +6,10 @@ Contents (a dict of plain types and tensors, loadable with `torch.load(weights_o
 - `epoch`: epochs completed; `step`: optimiser steps taken; `history`: the rows of log.csv;
 - `rng`: torch's random states (CPU, and CUDA when used) of every process, by rank;
 - `config`: the TrainConfig as a dict; `gradq_options`: `GradQConfig.to_options()` of the
-  INT8 precisions (None for fp32 and bf16).
+  INT8 precisions (None for fp32 and bf16);
+- `lsq_bits`: {Linear path: (weight bits, activation bits)} of the LSQ quantizers (`--lsq`;
+  their step sizes and offsets are in `model`), checked on resume; `oscillation`: each
+  oscillation tracker's last codes.
 Data order and augmentation need no saved state: they are functions of (seed, epoch, rank).
 """
 
@@ -42,8 +45,10 @@ def save(path: Path, state: dict[str, Any]) -> None:
     os.replace(partial, path)
 
 
-def load(path: Path) -> dict[str, Any]:
-    """Read a checkpoint written by `save`; ValueError (naming --resume) when there is none."""
+def load(path: Path, flag: str = "--resume") -> dict[str, Any]:
+    """Read a checkpoint written by `save`; ValueError (naming `flag`) when there is none."""
     if not path.is_file():
-        raise ValueError(f"--resume: no checkpoint at {path} (train without --resume first)")
+        if flag == "--resume":
+            raise ValueError(f"--resume: no checkpoint at {path} (train without --resume first)")
+        raise ValueError(f"{flag}: no checkpoint at {path}")
     return torch.load(path, map_location="cpu", weights_only=True)

@@ -7,7 +7,9 @@ across processes). Rank 0 then writes, in the output directory:
 - log.csv: one row per epoch (LOG_FIELDS). train_loss is the mean training objective of the
   epoch (ch_loss for gradq, cross-entropy otherwise), test_loss the test cross-entropy,
   test_top1 in percent, lr the learning rate of the epoch's last step, seconds the epoch's
-  wall time (training and evaluation);
+  wall time (training and evaluation); with --lsq also `oscillation`, the epoch's mean
+  fraction of LSQ weight codes that changed per step (`qat.OscillationTracker`, averaged
+  over the quantized weights);
 - curves.png: loss and accuracy per epoch;
 - checkpoint.pt: see `gradq_fx.train.checkpoint`; `--resume` continues from it;
 - result.json: the final top-1 and what produced it, once the last epoch is done.
@@ -29,14 +31,16 @@ import json
 import sys
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from gradq_fx import stats
+from gradq_fx import qat, stats
 from gradq_fx.config import GradQConfig
+from gradq_fx.losses import kd_loss
 from gradq_fx.train import checkpoint
 from gradq_fx.train.data import BatchTransform, load_datasets
 from gradq_fx.train.distributed import Distributed
@@ -46,6 +50,8 @@ from gradq_fx.train.schedule import build_optimizer, build_scheduler
 from gradq_fx.train.settings import TrainConfig, flag
 
 LOG_FIELDS = ("epoch", "step", "train_loss", "test_loss", "test_top1", "lr", "seconds")
+QAT_LOG_FIELDS = (*LOG_FIELDS, "oscillation")  # runs with --lsq
+FLOAT_PRECISIONS = ("fp32", "bf16")  # what a --teacher checkpoint may have been trained at
 LOG_NAME, CURVES_NAME, RESULT_NAME = "log.csv", "curves.png", "result.json"
 BACKEND_NOTES = {
     "gradq": "gradq's rewrite, compiled by Inductor",
@@ -95,6 +101,7 @@ class Trainer:
     def _setup(self) -> None:
         self._build_data()
         self._build_model()
+        self._build_teacher()
         self._build_optimizer()
         self.epoch = 0  # epochs completed
         self.step = 0  # optimiser steps taken
@@ -140,11 +147,57 @@ class Trainer:
         self.model = create_model(
             c.model, self.data.num_classes, c.img_size, c.patch_size, c.depth
         ).to(dist.device)
+        self.trackers: dict[str, qat.OscillationTracker] = {}
+        if c.lsq:
+            self._attach_lsq()
         self.backend = (c.backend or default_backend(dist.device)) if c.int8 else None
         self.net, self.gradq = compile_for(self.model, c.gradq_options(), self.backend, c.compile)
         self.train_net = dist.wrap(self.net)
         self.loss_fn = loss_function(c)
         torch.manual_seed(c.seed + dist.rank)  # dropout, stochastic rounding: per process
+
+    def _attach_lsq(self) -> None:
+        """LSQ quantizers on the model's Linears, input step sizes from one batch (the first
+        images of the training set, unaugmented: the same on every process), and one
+        oscillation tracker per quantized weight."""
+        c, device = self.config, self.dist.device
+        self.lsq_layers = qat.attach_lsq(self.model, c.lsq_config())
+        if not self.lsq_layers:
+            raise ValueError(f"--lsq: {c.model} has no nn.Linear the gradq options select")
+        images = torch.stack([self.data.train[i][0] for i in range(c.batch_size)])
+        qat.initialise_lsq(self.model, self.transform(images).to(device))
+        self.trackers = {
+            name: qat.OscillationTracker(weight.shape).to(device)
+            for name, weight, _ in qat.quantized_weights(self.model)
+        }
+
+    def _build_teacher(self) -> None:
+        """The frozen float teacher of --teacher, or None."""
+        c, device = self.config, self.dist.device
+        self.teacher = None
+        if c.teacher is None:
+            return
+        state = checkpoint.load(Path(c.teacher), flag="--teacher")
+        saved = TrainConfig.coerce(state["config"])
+        if saved.precision not in FLOAT_PRECISIONS or saved.lsq:
+            raise ValueError(
+                f"--teacher: {c.teacher} was trained at --precision {saved.precision}"
+                f"{' with --lsq' if saved.lsq else ''}; a teacher is a float model "
+                f"({' or '.join(FLOAT_PRECISIONS)}, without --lsq)"
+            )
+        if saved.img_size != c.img_size:
+            raise ValueError(
+                f"--teacher: {c.teacher} takes {saved.img_size} px images, this run "
+                f"--img-size {c.img_size}"
+            )
+        teacher = create_model(
+            saved.model, self.data.num_classes, saved.img_size, saved.patch_size, saved.depth
+        )
+        try:
+            teacher.load_state_dict(state["model"])
+        except RuntimeError as error:
+            raise ValueError(f"--teacher: {c.teacher} does not fit this data: {error}") from error
+        self.teacher = teacher.to(device).eval().requires_grad_(False)
 
     def _build_optimizer(self) -> None:
         c = self.config
@@ -174,6 +227,13 @@ class Trainer:
             "world_size": self.dist.world_size,
             "config": self.config.to_dict(),
             "gradq_options": None if options is None else self._gradq_config().to_options(),
+            # The LSQ step sizes and offsets are in `model`; their widths, and the trackers'
+            # last codes (so a resumed run logs the same oscillation), are here.
+            "lsq_bits": qat.lsq_bits(self.model),
+            "oscillation": {
+                name: {"previous": t.previous, "has_previous": t.has_previous}
+                for name, t in self.trackers.items()
+            },
         }
 
     def _restore(self, state: dict[str, Any]) -> None:
@@ -191,7 +251,16 @@ class Trainer:
                 f"--resume: {where} was written by {state['world_size']} process(es), "
                 f"this run has {self.dist.world_size}"
             )
+        saved_bits = {name: tuple(bits) for name, bits in state.get("lsq_bits", {}).items()}
+        if saved_bits != qat.lsq_bits(self.model):
+            raise ValueError(
+                f"--resume: {where} holds LSQ quantizers of (weight, activation) bits "
+                f"{saved_bits or 'none'}, this run {qat.lsq_bits(self.model) or 'none'}"
+            )
         self.model.load_state_dict(state["model"])
+        for name, saved in state.get("oscillation", {}).items():
+            self.trackers[name].previous.copy_(saved["previous"])
+            self.trackers[name].has_previous.copy_(saved["has_previous"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.step = state["epoch"], state["step"]
@@ -222,10 +291,11 @@ class Trainer:
             y = labels.to(dist.device, non_blocking=True)
             with self._autocast():
                 logits = self.train_net(x)
-            loss = self.loss_fn(logits.float(), y)
+            loss = self._objective(logits.float(), x, y)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self._optimizer_step()
+            self._track_oscillation()
             self.last_lr = self.optimizer.param_groups[0]["lr"]
             self.scheduler.step()
             self.step += 1
@@ -247,6 +317,36 @@ class Trainer:
                 window_steps, window_start = 0, time.perf_counter()
         total = dist.all_reduce_sum(epoch_loss)
         return total.item() / (self.steps_per_epoch * dist.world_size)
+
+    def _objective(self, logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The training loss: distillation from the teacher, or the precision's loss; plus
+        the bin regularizer weighted by obr_lambda with --obr."""
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_probs = self.teacher(x).float().softmax(dim=1)
+            loss = kd_loss(logits, teacher_probs)
+        else:
+            loss = self.loss_fn(logits, y)
+        if self.config.obr:
+            weight = qat.obr_lambda(self.step, self.steps_per_epoch * self.config.epochs)
+            if weight > 0:  # zero for the first quarter of training: skip the work
+                terms = [
+                    qat.bin_regularizer(w, q.scale, q.bits)
+                    for _, w, q in qat.quantized_weights(self.model)
+                ]
+                loss = loss + weight * torch.stack(terms).sum()
+        return loss
+
+    @torch.no_grad()
+    def _track_oscillation(self) -> None:
+        """Each quantized weight's codes after the step, against those after the last one."""
+        for name, weight, quantizer in qat.quantized_weights(self.model):
+            self.trackers[name].update(quantizer.codes(weight))
+
+    def _oscillation(self) -> float:
+        """The epoch's mean fraction of changed codes, averaged over the quantized weights."""
+        fractions = [tracker.epoch_fraction() for tracker in self.trackers.values()]
+        return torch.stack(fractions).mean().item()
 
     def _optimizer_step(self) -> None:
         """optimizer.step(), through AdaptiveLR when it is on. Under DDP the layers' gradient
@@ -322,8 +422,16 @@ class Trainer:
             )
         elif c.compile:
             note("torch.compile backend inductor")
+        if c.lsq:
+            note(
+                f"LSQ W{c.weight_bits}A{c.activation_bits} on {len(self.lsq_layers)} Linears "
+                f"(learnable step sizes){'; bin regularizer (--obr)' if c.obr else ''}"
+            )
+        objective = "ch_loss" if c.uses_ch_loss else "cross-entropy"
+        if c.teacher is not None:
+            objective = f"kd_loss from the teacher {c.teacher}"
         note(
-            f"loss {'ch_loss' if c.uses_ch_loss else 'cross-entropy'}; {c.optimizer} "
+            f"loss {objective}; {c.optimizer} "
             f"{'with adaptive per-layer lr ' if c.uses_adaptive_lr else ''}"
             f"lr {c.learning_rate:g}, weight decay {c.weight_decay:g}; {self.steps_per_epoch} "
             f"steps per epoch of {c.batch_size} x {self.dist.world_size}, "
@@ -361,6 +469,8 @@ class Trainer:
                     lr=self.last_lr,
                     seconds=time.perf_counter() - start,
                 )
+                if self.trackers:
+                    row["oscillation"] = self._oscillation()
                 self.history.append(row)
                 self._write_epoch()
                 if self.dist.is_main:
@@ -391,7 +501,8 @@ class Trainer:
         out = self.config.out_dir
         checkpoint.save(out / checkpoint.CHECKPOINT_NAME, state)
         with open(out / LOG_NAME, "w", newline="") as file:
-            writer = csv.DictWriter(file, fieldnames=LOG_FIELDS)
+            fields = QAT_LOG_FIELDS if self.trackers else LOG_FIELDS
+            writer = csv.DictWriter(file, fieldnames=fields)
             writer.writeheader()
             writer.writerows(self.history)
         draw_curves(self.history, out / CURVES_NAME)
@@ -422,6 +533,8 @@ class Trainer:
             "backend": self.backend or ("inductor" if c.compile else "eager"),
             "gradq_options": None if options is None else self._gradq_config().to_options(),
             "gradq_rewritten_ops": self.rewritten_ops,
+            "lsq_bits": {name: list(bits) for name, bits in qat.lsq_bits(self.model).items()},
+            "oscillation": last.get("oscillation"),
             "adaptive_lr": c.uses_adaptive_lr,
             "world_size": self.dist.world_size,
             "replicas_in_sync": in_sync,

@@ -14,6 +14,22 @@ Precisions:
   `--no-gradient-scaling`, `--no-ch-loss` and `--no-adaptive-lr` each drop one component.
 int8-naive records no statistics (`stats=False`): nothing would read them.
 `--option KEY=VALUE` options apply last, over the precision's own.
+
+Low-bit QAT (Quantization Variation, method.md), with any precision:
+- `--weight-bits`, `--activation-bits` (2 to 8, default 8): the forward GEMMs' operand widths.
+  Alone (INT8 precisions) they make gradq fake-quantize the forward GEMMs with its min-max
+  quantizers below 8 bits;
+- `--lsq`: LSQ quantizers with learnable step sizes at those widths on every Linear the
+  gradq options select, except the head (kept at 8 bits, as the paper keeps it) unless
+  `--option exclude=...` says otherwise (`gradq_fx.qat.attach_lsq`). LSQ is explicit, not
+  implied by the widths, so LSQ and min-max low-bit training can be compared. With fp32 or
+  bf16 the model trains with LSQ fake quantization and a float backward (the paper's setting);
+  with the INT8 precisions the backward GEMMs stay INT8;
+- `--obr` (needs `--lsq`): adds the oscillation-aware bin regularizer, weighted by
+  `obr_lambda` (0 for the first quarter of the steps, then a cosine rise to 0.01);
+- `--teacher PATH`: distil from a float (fp32 or bf16) checkpoint.pt of this command:
+  the objective becomes `kd_loss` (soft cross-entropy on the teacher's probabilities, from the
+  live teacher on the same augmented batch) instead of cross-entropy or ch_loss.
 """
 
 from __future__ import annotations
@@ -80,6 +96,12 @@ class TrainConfig:
     no_ch_loss: bool = False
     no_adaptive_lr: bool = False
     compile: bool = False  # fp32 / bf16: torch.compile with Inductor
+    # low-bit QAT
+    weight_bits: int = 8
+    activation_bits: int = 8
+    lsq: bool = False
+    obr: bool = False
+    teacher: str | None = None  # a float run's checkpoint.pt
     # optimisation
     optimizer: str = "adamw"
     lr: float | None = None  # None: DEFAULT_LR of the optimizer
@@ -137,6 +159,10 @@ class TrainConfig:
                 f"--warmup-epochs must be from 0 to --epochs ({self.epochs}), "
                 f"got {self.warmup_epochs!r}"
             )
+        for field in ("weight_bits", "activation_bits"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 8:
+                raise ValueError(f"{flag(field)} must be an integer from 2 to 8, got {value!r}")
         if self.stop_after is not None and not 1 <= self.stop_after <= self.epochs:
             raise ValueError(
                 f"--stop-after must be from 1 to --epochs ({self.epochs}), got {self.stop_after!r}"
@@ -156,6 +182,22 @@ class TrainConfig:
                 "--compile is for --precision fp32 and bf16: the INT8 precisions always "
                 "compile, with --backend"
             )
+        for key in ("weight_bits", "activation_bits"):
+            if key in self.options:
+                raise ValueError(
+                    f"--option {key}: give the width with {flag(key)} (LSQ reads it there)"
+                )
+        low_bits = min(self.weight_bits, self.activation_bits) < 8
+        if low_bits and not int8 and not self.lsq:
+            raise ValueError(
+                f"--weight-bits {self.weight_bits} --activation-bits {self.activation_bits}: "
+                f"--precision {self.precision} quantizes nothing; add --lsq (or use an INT8 "
+                "precision)"
+            )
+        if self.obr and not self.lsq:
+            raise ValueError("--obr regularizes LSQ quantizers' bins: it needs --lsq")
+        if self.teacher is not None and not isinstance(self.teacher, str):
+            raise ValueError(f"--teacher must be a path, got {self.teacher!r}")
         for field in COMPONENT_FLAGS:
             if getattr(self, field) and self.precision != "gradq":
                 raise ValueError(
@@ -175,7 +217,16 @@ class TrainConfig:
 
     @property
     def uses_ch_loss(self) -> bool:
-        return self.precision == "gradq" and not self.no_ch_loss
+        """ch_loss: gradq's objective, unless dropped or replaced by distillation."""
+        return self.precision == "gradq" and not self.no_ch_loss and self.teacher is None
+
+    def lsq_config(self) -> GradQConfig:
+        """What `gradq_fx.qat.attach_lsq` reads: the widths, and the Linears to quantize (those
+        the gradq options select; without --option exclude, all but the head)."""
+        options = dict(self.gradq_options() or {})
+        options.setdefault("exclude", ["head"])
+        options.update(weight_bits=self.weight_bits, activation_bits=self.activation_bits)
+        return GradQConfig.from_options(options)
 
     @property
     def uses_adaptive_lr(self) -> bool:
@@ -196,6 +247,9 @@ class TrainConfig:
         for field, option in COMPONENT_FLAGS.items():
             if getattr(self, field) and option is not None:
                 options[option[0]] = option[1]
+        for key in ("weight_bits", "activation_bits"):
+            if getattr(self, key) != 8:
+                options[key] = getattr(self, key)
         options.update(self.options)
         return options
 
