@@ -1,0 +1,121 @@
+"""Low-bit QAT on Fashion-MNIST: W4A4, W3A3 and W2A2, with the Quantization Variation parts.
+
+    python examples/qat_ablation.py run [--models test_vit] [--bits 4,3,2] [--seeds 0,1,2] ... \
+        [-- TRAIN FLAGS]      (e.g. -- --depth 2 --no-augment --lr 0.003)
+    python examples/qat_ablation.py table [--root runs/qat]
+
+`run` first trains one fp32 teacher per (model, seed) into ROOT/<model>/teacher/seed<seed>/,
+then every (model, bits, setting, seed) with `python -m gradq_fx train`, one process per run,
+into ROOT/<model>/<setting>-w<b>a<b>/seed<seed>/. Settings: min-max fake quantization
+(`minmax`), LSQ (`lsq`), LSQ + bin regularizer (`lsq+obr`), and LSQ + regularizer +
+distillation from the teacher (`lsq+obr+kd`), all at --precision gradq (INT8 backward). A run
+whose result.json exists is skipped, so an interrupted sweep continues where it stopped.
+`table` prints mean and standard deviation of test top-1 per model and setting (the fp32
+teachers as `teacher`), with the protocol they used (examples/ablation.py's table).
+
+No table from this script is committed yet: the sweep is 3 x 4 x 3 runs plus 3 teachers per
+model, for a GPU session.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+# setting -> the train command's flags (besides the widths)
+SETTINGS = {
+    "minmax": [],
+    "lsq": ["--lsq"],
+    "lsq+obr": ["--lsq", "--obr"],
+    "lsq+obr+kd": ["--lsq", "--obr", "--teacher", "{teacher}"],
+}
+TEACHER = "teacher"
+
+
+def _sibling(name: str):
+    """examples/<name>.py as a module (the table code is examples/ablation.py's)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+ablation = _sibling("ablation")
+
+
+def setting_name(setting: str, bits: int) -> str:
+    return f"{setting}-w{bits}a{bits}"
+
+
+def run_dir(root: Path, model: str, name: str, seed: int) -> Path:
+    return root / model / name / f"seed{seed}"
+
+
+def _train(out: Path, model: str, seed: int, args: argparse.Namespace, flags: list[str]) -> None:
+    if (out / "result.json").exists():
+        return
+    command = [
+        sys.executable, "-m", "gradq_fx", "train", "--model", model, "--seed", str(seed),
+        "--epochs", str(args.epochs), "--train-subset", str(args.train_subset),
+        "--test-subset", str(args.test_subset), "--img-size", str(args.img_size),
+        "--patch-size", str(args.patch_size), "--batch-size", str(args.batch_size),
+        "--log-every", "1000", "--out", str(out), *flags, *args.train_flags,
+    ]  # fmt: skip
+    print(f"{model} {out.parent.name} seed {seed}", file=sys.stderr, flush=True)
+    subprocess.run(command, check=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    unknown = sorted(set(args.settings) - set(SETTINGS))
+    if unknown:
+        raise ValueError(f"--settings: unknown {unknown}; valid: {', '.join(SETTINGS)}")
+    bad_bits = [b for b in args.bits if not 2 <= b <= 8]
+    if bad_bits:
+        raise ValueError(f"--bits: widths are 2 to 8, got {bad_bits}")
+    for seed in args.seeds:  # whole seeds first: a partial sweep holds every setting
+        for model in args.models:
+            teacher = run_dir(args.root, model, TEACHER, seed)
+            if any("{teacher}" in " ".join(SETTINGS[s]) for s in args.settings):
+                _train(teacher, model, seed, args, ["--precision", "fp32"])
+            for bits in args.bits:
+                for setting in args.settings:
+                    flags = [f.format(teacher=teacher / "checkpoint.pt") for f in SETTINGS[setting]]
+                    flags += ["--precision", "gradq", "--backend", args.backend]
+                    flags += ["--weight-bits", str(bits), "--activation-bits", str(bits)]
+                    out = run_dir(args.root, model, setting_name(setting, bits), seed)
+                    _train(out, model, seed, args, flags)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run_parser = commands.add_parser("run", help="train the missing runs")
+    run_parser.add_argument("--models", type=ablation._csv(str), default=["test_vit"])
+    run_parser.add_argument("--bits", type=ablation._csv(int), default=[4, 3, 2])
+    run_parser.add_argument("--settings", type=ablation._csv(str), default=list(SETTINGS))
+    run_parser.add_argument("--seeds", type=ablation._csv(int), default=[0, 1, 2])
+    run_parser.add_argument("--epochs", type=int, default=3)
+    run_parser.add_argument("--train-subset", type=int, default=6000)
+    run_parser.add_argument("--test-subset", type=int, default=2000)
+    run_parser.add_argument("--img-size", type=int, default=32)
+    run_parser.add_argument("--patch-size", type=int, default=4)
+    run_parser.add_argument("--batch-size", type=int, default=128)
+    run_parser.add_argument("--backend", choices=("gradq", "gradq_eager"), default="gradq")
+    for sub in (run_parser, commands.add_parser("table", help="print the results table")):
+        sub.add_argument("--root", type=Path, default=Path("runs/qat"))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:split])
+    args.train_flags = argv[split + 1 :]
+    try:
+        return run(args) if args.command == "run" else ablation.table(args)
+    except ValueError as error:
+        parser.error(str(error))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
