@@ -3,7 +3,10 @@
 model = torch.compile(model, backend="gradq", options={"attention": "int8"})
 """
 
-from gradq_fx import ops  # noqa: F401  (registers torch.ops.gradq.*)
+from gradq_fx import (
+    ops,  # noqa: F401  (registers torch.ops.gradq.*)
+    qat,
+)
 from gradq_fx.backend import compile
 from gradq_fx.config import (
     Attention,
@@ -29,4 +32,5 @@ __all__ = [
     "compile",
     "layer_stats",
     "param_groups",
+    "qat",
 ]

@@ -517,9 +517,13 @@ def test_quantized_matmul_nearest_minmax_equals_integer_reference(
         # INT8 GEMM, products only (no sums in float): two float32 multiplies at most.
         torch.testing.assert_close(out.double(), expected, rtol=3e-7, atol=0)
         return
-    # Below 8 bits: fake quantization, a float32 GEMM of the dequantized operands. Its sums
-    # round: at most K ulps of the sum of |terms| (a loose bound on float32 accumulation).
-    magnitude = ref_quantized_matmul(a.abs(), b.abs(), bits_a, bits_b, per_row, per_row)
+    assert_fake_quant_close(out, expected, a, b, bits_a, bits_b, per_row, per_row)
+
+
+def assert_fake_quant_close(out, expected, a, b, bits_a, bits_b, per_row_a, per_row_b):
+    """Below 8 bits quantized_matmul is fake quantization, a float32 GEMM of the dequantized
+    operands. Its sums round: at most K ulps of the sum of |terms| (a loose float32 bound)."""
+    magnitude = ref_quantized_matmul(a.abs(), b.abs(), bits_a, bits_b, per_row_a, per_row_b)
     bound = a.shape[-1] * 2.0**-24 * magnitude
     assert bool(((out.double() - expected).abs() <= bound).all())
 
@@ -543,7 +547,7 @@ def test_quantized_matmul_mixed_specs():
     b = varied_rows(64, 37, generator_seed=7)
     out = quantizer.quantized_matmul(a, b, spec_of(4, PER_TENSOR), spec_of(8, PER_ROW))
     expected = ref_quantized_matmul(a, b, 4, 8, False, True)
-    torch.testing.assert_close(out.double(), expected, rtol=3e-7, atol=0)
+    assert_fake_quant_close(out, expected, a, b, 4, 8, False, True)
 
 
 @pytest.mark.parametrize("batched", [False, True], ids=["2d", "4d"])
