@@ -115,7 +115,8 @@ def int8_conv2d(x: torch.Tensor, w: torch.Tensor, stride, padding) -> torch.Tens
     out_h, out_w = conv2d_output_size(x.shape[2:], kernel, stride, padding)
     rows = int8_patches(x, kernel, stride, padding)
     acc = int8_gemm(rows, w.reshape(out_channels, -1).t())
-    return acc.reshape(batch, out_h, out_w, out_channels).permute(0, 3, 1, 2)
+    # Contiguous NCHW, as F.conv2d returns.
+    return acc.reshape(batch, out_h, out_w, out_channels).permute(0, 3, 1, 2).contiguous()
 
 
 def input_grad_operands(
