@@ -156,9 +156,12 @@ class GradQConfig:
       `scaling`, which restores the magnitude that clipping takes away.
     - all three GEMMs quantized; attention kept in float (timm's fused SDPA unchanged);
       every Linear included (`include=("*",)`, `exclude=()`).
-    - `convolutions`: the 2-D convolutions that are GEMMs (1x1 kernels, and patchify kernels
-      whose stride equals their size, without padding) are quantized like Linears; every
-      other convolution stays float, and the report says why (`passes.annotate`).
+    - `convolutions`: 2-D convolutions of groups 1 and dilation 1 are quantized. Those that
+      are GEMMs (1x1 kernels, and patchify kernels whose stride equals their size, without
+      padding) like Linears; dense k x k ones as implicit GEMMs, where `per_row` scales X
+      (forward) and dY (dgrad) per image, since a per-pixel scale would vary along the
+      kernel window (`quantizer`'s convolution section). Depthwise, grouped and dilated
+      convolutions stay float, and the report says why (`passes.annotate`).
     - `stats`: each quantized Linear records how well its wgrad gradient survives quantization
       (cosine, relative error; `gradq_fx.stats`), which the adaptive learning rate reads. It
       costs one more quantization of dY on the reference path.

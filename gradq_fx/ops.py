@@ -7,9 +7,13 @@ step, labelled; the joint-graph pass `gradq_fx.passes.lower` then replaces each 
 `mm_reference` (the numerics of `gradq_fx.quantizer.quantized_matmul`) or `mm_triton` (the
 same numerics through gradq's fused kernels) for Inductor to compile.
 
+`torch.ops.gradq.conv2d` is the same for one GEMM of a dense convolution (an implicit GEMM:
+groups 1, dilation 1, any kernel, stride and padding), lowered to `conv_reference` (the numerics
+of `gradq_fx.quantizer.quantized_conv2d` and its two gradients) or `conv_triton`.
+
 `quantized_linear`, `quantized_matmul` and `quantized_conv2d` are what the Dynamo-level
 rewrite calls in place of `F.linear`, `torch.matmul` and `F.conv2d`: autograd functions whose
-forward and backward are `gradq.mm`s.
+forward and backward are `gradq.mm`s (or `gradq.conv2d`s).
 
 `torch.ops.gradq.lsq_fake_quantize` is LSQ fake quantization (`quantizer.lsq_forward`, with
 `quantizer.lsq_backward` as its autograd formula) as one opaque node, so that gradq's
@@ -27,8 +31,10 @@ from torch.nn.modules.utils import _pair
 
 from gradq_fx import quantizer
 from gradq_fx.config import Clipping, Granularity, QuantSpec, Role, Rounding, decode_operand
+from gradq_fx.kernels import conv as conv_kernel
 from gradq_fx.kernels import gemm
 from gradq_fx.kernels import quantize as quantize_kernel
+from gradq_fx.kernels.int_mm import conv2d_output_size, input_grad_operands, int8_patches
 
 
 @torch.library.custom_op("gradq::mm", mutates_args=())
@@ -158,6 +164,120 @@ def mm_triton(a, b, bias, a_spec: str, b_spec: str) -> torch.Tensor:
     return out.view(*batch, m, n)
 
 
+# --------------------------------------------------------------------------- gradq.conv2d
+
+
+@torch.library.custom_op("gradq::conv2d", mutates_args=())
+def gradq_conv2d(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    size: list[int],
+    a_spec: str,
+    b_spec: str,
+    role: str,
+    module: str,
+) -> torch.Tensor:
+    """One GEMM of a dense convolution (groups 1, dilation 1); quantized when both specs are
+    non-empty. By role, with x [N, C, H, W], w [O, C, kh, kw], dy [N, O, H', W']:
+      forward  a = x,  b = w,  bias [O] or None  ->  y  [N, O, H', W'], size = (H', W')
+      dgrad    a = dy, b = w                     ->  dx [N, C, H, W],   size = (H, W)
+      wgrad    a = x,  b = dy                    ->  dw [O, C, kh, kw], size = (kh, kw)
+    """
+    return conv_reference(a, b, bias, stride, padding, size, a_spec, b_spec, role)
+
+
+@gradq_conv2d.register_fake
+def _(a, b, bias, stride, padding, size, a_spec, b_spec, role, module):
+    shapes = {
+        Role.FORWARD.value: (a.shape[0], b.shape[0]),
+        Role.DGRAD.value: (a.shape[0], b.shape[1]),
+        Role.WGRAD.value: (b.shape[1], a.shape[1]),
+    }
+    if role not in shapes:
+        raise ValueError(f"gradq.conv2d: role must be one of {sorted(shapes)}, got {role!r}")
+    return a.new_empty((*shapes[role], *size))
+
+
+def conv_reference(
+    a, b, bias, stride, padding, size, a_spec: str, b_spec: str, role: str
+) -> torch.Tensor:
+    """What one `gradq.conv2d` computes, in plain torch (traceable); the result has a's dtype."""
+    stride, padding, size = tuple(stride), tuple(padding), tuple(size)
+    quantized = bool(a_spec and b_spec)
+    if quantized:
+        a_spec_, b_spec_ = QuantSpec.decode(a_spec), QuantSpec.decode(b_spec)
+    if role == Role.FORWARD.value:
+        if quantized:
+            return quantizer.quantized_conv2d(a, b, bias, stride, padding, a_spec_, b_spec_)
+        return F.conv2d(a, b, bias, stride, padding).to(a.dtype)
+    if role == Role.DGRAD.value:
+        if quantized:
+            return quantizer.quantized_conv2d_input_grad(
+                a, b, size, stride, padding, a_spec_, b_spec_
+            )
+        shape = (a.shape[0], b.shape[1], *size)
+        return torch.nn.grad.conv2d_input(shape, b, a, stride, padding).to(a.dtype)
+    if role == Role.WGRAD.value:
+        if quantized:
+            return quantizer.quantized_conv2d_weight_grad(
+                a, b, size, stride, padding, a_spec_, b_spec_
+            )
+        shape = (b.shape[1], a.shape[1], *size)
+        return torch.nn.grad.conv2d_weight(a, shape, b, stride, padding).to(a.dtype)
+    raise ValueError(f"gradq.conv2d: role must be forward, dgrad or wgrad, got {role!r}")
+
+
+def _quantize_slices(x: torch.Tensor, spec: QuantSpec, keep: int):
+    """`quantizer.quantize_slices` through the quantize kernel: rows [x.shape[keep], rest]."""
+    moved = x.movedim(keep, 0)
+    q, scale = _quantize_rows(moved.reshape(x.shape[keep], -1), spec)
+    return q.reshape(moved.shape).movedim(0, keep), scale
+
+
+def conv_triton(
+    a, b, bias, stride, padding, size, a_spec: str, b_spec: str, role: str
+) -> torch.Tensor:
+    """`conv_reference` of two quantized operands through gradq's kernels, the operands
+    quantized as `quantizer`'s convolution section says (per image / per channel):
+    - forward: the implicit-GEMM kernel (`kernels/conv.py`), scales and bias in its epilogue;
+    - dgrad: the same kernel, stride 1, on dY with zeros inserted and padded
+      (`int_mm.input_grad_operands`): exact, but at stride s it multiplies s^2 times as many
+      (mostly zero) values as needed;
+    - wgrad: dY as [O, N H' W'] times the input's int8 patches [N H' W', C kh kw] (an
+      explicit im2col copy, kh kw / s^2 times the input's size) in the scaled GEMM kernel.
+    Numbers as `mm_triton`'s: nearest rounding matches the reference bit for bit (unscaled)
+    or to float rounding of the least-squares sums.
+    """
+    stride, padding, size = tuple(stride), tuple(padding), tuple(size)
+    a_spec_, b_spec_ = QuantSpec.decode(a_spec), QuantSpec.decode(b_spec)
+    if role == Role.FORWARD.value:
+        q_x, x_scale = _quantize_slices(a, a_spec_, keep=0)
+        q_w, w_scale = _quantize_slices(b, b_spec_, keep=0)
+        return conv_kernel.int8_scaled_conv2d(
+            q_x, q_w, x_scale, w_scale, stride, padding, bias, a.dtype
+        )
+    if role == Role.DGRAD.value:
+        q_dy, dy_scale = _quantize_slices(a, a_spec_, keep=0)
+        q_w, w_scale = _quantize_slices(b, b_spec_, keep=1)
+        z, flipped = input_grad_operands(q_dy, q_w, stride, padding, size)
+        return conv_kernel.int8_scaled_conv2d(
+            z, flipped, dy_scale, w_scale, (1, 1), (0, 0), None, a.dtype
+        )
+    if role == Role.WGRAD.value:
+        q_x, x_scale = _quantize_slices(a, a_spec_, keep=1)
+        q_dy, dy_scale = _quantize_slices(b, b_spec_, keep=1)
+        out_channels, channels = b.shape[1], a.shape[1]
+        rows = q_dy.transpose(0, 1).reshape(out_channels, -1)
+        patches = int8_patches(q_x, size, stride, padding)
+        col_scale = x_scale.repeat_interleave(size[0] * size[1])  # columns are (c, kh, kw)
+        out = gemm.int8_scaled_mm(rows, patches, dy_scale, col_scale, None, a.dtype)
+        return out.reshape(out_channels, channels, *size)
+    raise ValueError(f"gradq.conv2d: role must be forward, dgrad or wgrad, got {role!r}")
+
+
 class GemmSite(NamedTuple):
     """The three GEMMs of one rewritten matmul: each role's operand specs ("" = float).
 
@@ -234,34 +354,90 @@ def conv2d_is_gemm(kernel, stride, padding, dilation, groups) -> bool:
     return kernel == (1, 1) or (kernel == stride and tuple(dilation) == (1, 1))
 
 
+def conv2d_is_implicit_gemm(kernel, dilation, groups) -> bool:
+    """Whether gradq's implicit-GEMM path (`gradq.conv2d`) takes F.conv2d with this geometry:
+    groups 1 and dilation 1 (moot for a 1x1 kernel); any stride and padding."""
+    return groups == 1 and (tuple(kernel) == (1, 1) or tuple(dilation) == (1, 1))
+
+
+class _QuantizedConv2d(torch.autograd.Function):
+    """out = F.conv2d(x, w, bias, stride, padding) as three `gradq.conv2d` GEMMs."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, site: GemmSite, probe):
+        ctx.save_for_backward(x, weight)
+        ctx.site = site = GemmSite(*site)
+        ctx.geometry = stride, padding
+        ctx.has_bias = bias is not None
+        ctx.has_probe = probe is not None
+        size = conv2d_output_size(x.shape[2:], weight.shape[2:], stride, padding)
+        return _conv(x, weight, bias, stride, padding, size, site.forward, Role.FORWARD, site)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        site, (stride, padding) = ctx.site, ctx.geometry
+        grad_x = grad_w = grad_bias = grad_probe = None
+        if ctx.needs_input_grad[0]:
+            size = x.shape[2:]
+            grad_x = _conv(grad_out, weight, None, stride, padding, size, site.dgrad_a,
+                           Role.DGRAD, site)  # fmt: skip
+        if ctx.needs_input_grad[1]:
+            size = weight.shape[2:]
+            grad_w = _conv(x, grad_out, None, stride, padding, size, site.dgrad_b,
+                           Role(site.role_b), site)  # fmt: skip
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_out.sum(dim=(0, 2, 3))
+        if ctx.has_probe and ctx.needs_input_grad[6]:
+            # dY's quantization in wgrad: one slice per output channel (or the tensor).
+            spec = QuantSpec.decode(site.dgrad_b[1])
+            rows = grad_out.transpose(0, 1).reshape(grad_out.shape[1], -1)
+            grad_probe = quantizer.quantization_stats(rows, spec, dim=-1)
+        return grad_x, grad_w, grad_bias, None, None, None, grad_probe
+
+
+def _conv(a, b, bias, stride, padding, size, specs, role: Role, site: GemmSite):
+    return torch.ops.gradq.conv2d(
+        a, b, bias, list(stride), list(padding), list(size), specs[0], specs[1], role.value,
+        site.module,
+    )  # fmt: skip
+
+
 def quantized_conv2d(
     x, weight, bias, stride, padding, dilation, groups, site: GemmSite, probe=None
 ) -> torch.Tensor:
-    """F.conv2d(x, weight, bias, stride, padding, dilation, groups) for a convolution that is
-    a GEMM, as three gradq GEMMs (probe: as in `quantized_linear`).
+    """F.conv2d(x, weight, bias, stride, padding, dilation, groups) as three gradq GEMMs, for
+    a convolution of groups 1 and dilation 1 (any dilation for a 1x1 kernel); probe: as in
+    `quantized_linear`.
 
-    Such a convolution has groups 1, no padding, and a 1x1 kernel (any stride, any dilation)
-    or a kernel equal to its stride (dilation 1): its windows do not overlap, so the input
-    needs only a layout change, no im2col. With kernel k x l, stride s x t, input [B, C, H, W]
-    and output [B, O, H', W']: the 1x1 case first keeps every s-th row and t-th column; the
-    input is cropped to H'k x W'l (the rows and columns conv2d never reads), viewed as
-    [B, C, H', k, W', l] and copied as rows [B H' W', C k l]; the GEMM with the weight
-    [O, C k l] gives [B H' W', O], copied back to a contiguous [B, O, H', W'].
-
+    A convolution that is a GEMM up to a layout change (`conv2d_is_gemm`: no padding, and a
+    1x1 kernel or a kernel equal to its stride) becomes `gradq.mm`s: its windows do not
+    overlap, so the input needs only a layout change, no im2col. With kernel k x l, stride
+    s x t, input [B, C, H, W] and output [B, O, H', W']: the 1x1 case first keeps every s-th
+    row and t-th column; the input is cropped to H'k x W'l (the rows and columns conv2d never
+    reads), viewed as [B, C, H', k, W', l] and copied as rows [B H' W', C k l]; the GEMM with
+    the weight [O, C k l] gives [B H' W', O], copied back to a contiguous [B, O, H', W'].
     With dynamic spatial sizes, the strided slice and the crop make Dynamo guard on H and W
     modulo the stride (whether the slice keeps the input contiguous): a few recompiles at
     most, where F.conv2d has none. Static image sizes, the usual case, specialise nothing.
+
+    Every other such convolution (k x k with overlapping windows, padding) becomes
+    `gradq.conv2d`s, implicit GEMMs with their own scale groupings (`quantizer`'s
+    convolution section: X and dY per image, W per channel).
     """
     kh, kw = weight.shape[-2:]
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
-    if not conv2d_is_gemm((kh, kw), stride, padding, dilation, groups):
+    if not conv2d_is_implicit_gemm((kh, kw), dilation, groups) or isinstance(padding[0], str):
         raise ValueError(
-            "quantized_conv2d takes groups 1, padding 0 and a 1x1 kernel or kernel == stride; "
-            f"got kernel {(kh, kw)}, stride {stride}, padding {padding}, dilation {dilation}, "
-            f"groups {groups}"
+            "quantized_conv2d takes groups 1 and dilation 1 (any for a 1x1 kernel) with "
+            f"numeric padding; got kernel {(kh, kw)}, stride {stride}, padding {padding}, "
+            f"dilation {dilation}, groups {groups}"
         )
     unbatched = x.dim() == 3
     x, weight, bias = _autocast(x.unsqueeze(0) if unbatched else x, weight, bias)
+    if not conv2d_is_gemm((kh, kw), stride, padding, dilation, groups):
+        out = _QuantizedConv2d.apply(x, weight, bias, stride, padding, site, probe)
+        return out.squeeze(0) if unbatched else out
     if (kh, kw) == (1, 1):
         x = x[:, :, :: stride[0], :: stride[1]]  # then cropped to itself, reshaped to rows
     batch, channels, height, width = x.shape

@@ -26,7 +26,7 @@ from torch import fx
 from torch.utils.flop_counter import conv_flop_count, flop_registry
 
 from gradq_fx.backend import prepare, to_config
-from gradq_fx.config import GradQConfig, Role, decode_operand, operand_bits
+from gradq_fx.config import GradQConfig, Granularity, Role, decode_operand, operand_bits
 from gradq_fx.passes.annotate import Decision, module_path
 from gradq_fx.passes.lower import (
     FLOAT_LOWERING,
@@ -36,6 +36,7 @@ from gradq_fx.passes.lower import (
     resolve,
     runs_in_int8,
 )
+from gradq_fx.quantizer import conv2d_scale_groups
 
 aten = torch.ops.aten
 
@@ -79,6 +80,11 @@ class GemmRow:
     lowering: str
     flops: int
     graph_role: str  # the role the graph's structure implies; equals `role` when labels are right
+    op: str = "gradq.mm"  # or "gradq.conv2d", a dense convolution's implicit GEMM
+    # What one scale of each operand covers: a row / column of the GEMM, or for an implicit
+    # GEMM an image or channel (per_row cannot be per pixel there), or the tensor; "" = float.
+    a_scales: str = ""
+    b_scales: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,8 +148,8 @@ class Report:
                 row.module,
                 "x".join(map(str, row.a_shape)),
                 "x".join(map(str, row.b_shape)),
-                _spec_text(row.a_spec),
-                _spec_text(row.b_spec),
+                _spec_text(row.a_spec, row.a_scales),
+                _spec_text(row.b_spec, row.b_scales),
                 row.lowering,
             )
             for row in self.gemms
@@ -151,6 +157,13 @@ class Report:
         header = ("graph", "role", "module", "A", "B", "A spec", "B spec", "lowering")
         parts = [f"gradq GEMMs ({len(self.int8_gemms)} in INT8 of {len(self.gemms)} rewritten)"]
         parts.append(tabulate(gemm_rows, headers=header, tablefmt="simple"))
+        per_image = [row for row in self.gemms if "per image" in (row.a_scales, row.b_scales)]
+        if per_image:
+            parts.append(
+                f"{len(per_image)} implicit-GEMM convolution GEMMs (gradq.conv2d) scale X "
+                "(forward) or dY (dgrad) per image where per_row was asked: a per-pixel scale "
+                "would vary along the kernel window, which the integer sum runs over."
+            )
         summary = [
             (key, f"{c['int8_flops'] / 1e6:,.2f}", f"{c['flops'] / 1e6:,.2f}", f"{c['ratio']:.1%}")
             for key, c in self.coverage().items()
@@ -176,14 +189,42 @@ def _ratio(part: int, whole: int) -> float:
     return part / whole if whole else math.nan
 
 
-def _spec_text(spec: str) -> str:
+def _spec_text(spec: str, scales: str = "") -> str:
     if not spec:
         return "float"
     s = decode_operand(spec)
     if s is None:
         return f"LSQ int{operand_bits(spec)} (quantized upstream)"
     scaled = " scaled" if s.scaling else ""
-    return f"int{s.bits} {s.granularity.value} {s.rounding.value} {s.clipping.value}{scaled}"
+    granularity = s.granularity.value
+    if scales.startswith("per ") and scales not in ("per row", "per column"):
+        granularity = scales.replace(" ", "_")  # an implicit GEMM's: per_image, per_..._channel
+    return f"int{s.bits} {granularity} {s.rounding.value} {s.clipping.value}{scaled}"
+
+
+_GEMMS = (torch.ops.gradq.mm.default, torch.ops.gradq.conv2d.default)
+
+
+def _scales(node: fx.Node) -> tuple[str, str]:
+    """What one scale of each operand of a gradq GEMM node covers (GemmRow.a_scales)."""
+    a_spec, b_spec = node.args[3:5] if node.target is _GEMMS[0] else node.args[6:8]
+    if not (a_spec and b_spec):
+        return "", ""
+    # An LSQ operand (decoded as None) has one learnable step per tensor (or q/k/v block).
+    a_grain, b_grain = (
+        Granularity.PER_TENSOR if decoded is None else decoded.granularity
+        for decoded in (decode_operand(a_spec), decode_operand(b_spec))
+    )
+    if node.target is _GEMMS[0]:
+        a_group, b_group = "row", "column"
+    else:
+        role = node.args[8]
+        a_group = conv2d_scale_groups(role, a_grain)[0]
+        b_group = conv2d_scale_groups(role, b_grain)[1]
+    return tuple(
+        "per tensor" if grain is Granularity.PER_TENSOR else f"per {group}"
+        for grain, group in ((a_grain, a_group), (b_grain, b_group))
+    )
 
 
 # --- capture -------------------------------------------------------------------------------
@@ -250,6 +291,12 @@ def _flops(node: fx.Node, output_mask: list[bool] | None = None) -> int:
     if node.target is torch.ops.gradq.mm.default:
         a, b = node.args[0].meta["val"], node.args[1].meta["val"]
         return 2 * math.prod(int(s) for s in a.shape) * int(b.shape[-1])
+    if node.target is torch.ops.gradq.conv2d.default:
+        # Every role multiplies each dY-shaped [N, O, H', W'] value by C kh kw weights (or
+        # inputs): the forward's count, whatever zeros a lowering adds.
+        a, b, out = node.args[0].meta["val"], node.args[1].meta["val"], node.meta["val"]
+        dy, weight = {"forward": (out, b), "dgrad": (a, b), "wgrad": (b, out)}[node.args[8]]
+        return 2 * math.prod(int(s) for s in dy.shape) * math.prod(int(s) for s in weight.shape[1:])
     packet = _FLOP_ALIASES.get(node.target.overloadpacket, node.target.overloadpacket)
     args, kwargs = torch.utils._pytree.tree_map_only(
         fx.Node, lambda n: n.meta["val"], (node.args, node.kwargs)
@@ -276,7 +323,7 @@ def _conv_wgrad_flops(node: fx.Node) -> int:
 def _is_matmul_like(node: fx.Node) -> bool:
     if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
         return False
-    if node.target is torch.ops.gradq.mm.default:
+    if node.target in _GEMMS:
         return True
     packet = _FLOP_ALIASES.get(node.target.overloadpacket, node.target.overloadpacket)
     return packet in flop_registry
@@ -353,20 +400,24 @@ def analyse(captured: list[_Captured], config: GradQConfig, training: bool) -> R
             if not _is_matmul_like(node):
                 continue
             graph = facts.graph_of(node)
-            if node.target is torch.ops.gradq.mm.default:
-                a, b, _bias, a_spec, b_spec, role, module = node.args
+            if node.target in _GEMMS:
+                if node.target is torch.ops.gradq.mm.default:
+                    a, b, _bias, a_spec, b_spec, role, module = node.args
+                else:
+                    a, b, _bias, _stride, _padding, _size, a_spec, b_spec, role, module = node.args
                 # Activation x activation sites are named "module[node]" (rewrite.py).
                 right_is_weight = not module.endswith("]")
                 resolved = resolve(config.lowering, _device(a))
                 lowering = lowering_of(a_spec, b_spec, resolved, right_is_weight)
+                op = str(node.target.overloadpacket).removeprefix("torch.ops.")
                 row = GemmRow(
                     graph, role, module, _shape(a), _shape(b), a_spec, b_spec,
-                    lowering, _flops(node), facts.roles_of(node)[0][0],
+                    lowering, _flops(node), facts.roles_of(node)[0][0], op, *_scales(node),
                 )  # fmt: skip
                 gemms.append(row)
                 if not runs_in_int8(row.lowering):
                     reason = _not_int8_reason(row.lowering, role)
-                    float_ops.append(FloatOp(graph, role, "gradq.mm", module, row.flops, reason))
+                    float_ops.append(FloatOp(graph, role, op, module, row.flops, reason))
                 continue
             module = module_path(node)
             op = str(node.target.overloadpacket).removeprefix("aten.")

@@ -62,7 +62,7 @@ def reset_stats(model: torch.nn.Module) -> None:
 
 
 # The modules whose weight gradq's rewrite may quantize, and so give a probe: Linears, and
-# the 2-D convolutions that are GEMMs (1x1, patch embeddings).
+# the 2-D convolutions of groups 1 and dilation 1 (GEMMs and implicit GEMMs).
 LAYER_TYPES = (torch.nn.Linear, torch.nn.Conv2d)
 
 

@@ -10,10 +10,12 @@ This pass only marks nodes (policy); `rewrite` acts on the marks (mechanism). It
     after, in meta:    Decision(kind=CONVOLUTION, module="stages.1.1.conv2_kxk.conv",
                            quantize=False, reason="depthwise convolution (groups=48): ...")
 
-Convolutions: a 2-D convolution is quantized when it *is* a GEMM up to a layout change
-(`ops.quantized_conv2d`): groups 1, no padding, and either a 1x1 kernel (any stride: a
-strided slice of the input) or a patchify kernel whose stride equals its size (ViT, Swin
-patch embeddings). Every other convolution stays float, with the reason.
+Convolutions (`ops.quantized_conv2d`): a 2-D convolution of groups 1 and dilation 1 is
+quantized. When it *is* a GEMM up to a layout change (no padding, and a 1x1 kernel or a
+patchify kernel whose stride equals its size: ViT and Swin patch embeddings) it becomes
+`gradq.mm`s; any other kernel, stride and padding (MobileViT's 3x3 convolutions) an implicit
+GEMM, `gradq.conv2d`s. Depthwise, grouped, dilated, transposed, 1-D and 3-D convolutions stay
+float, with the reason.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from torch import fx
 from torch.fx.operator_schemas import normalize_function
 
 from gradq_fx import ops
-from gradq_fx.config import Attention, GradQConfig
+from gradq_fx.config import Attention, GradQConfig, Granularity
 
 
 class Kind(enum.Enum):
@@ -143,6 +145,14 @@ class ConvGeometry:
             self.kernel, self.stride, self.padding, self.dilation, self.groups
         )
 
+    @property
+    def is_implicit_gemm(self) -> bool:
+        """Taken by gradq's implicit-GEMM path (`ops.conv2d_is_implicit_gemm`): groups 1 and
+        dilation 1, numeric padding."""
+        if isinstance(self.padding, str):
+            return False
+        return ops.conv2d_is_implicit_gemm(self.kernel, self.dilation, self.groups)
+
 
 def _pair(value) -> tuple[int, int] | None:
     """conv2d's int-or-pair argument as a pair, or None where it is not (constant) ints."""
@@ -168,6 +178,10 @@ def conv2d_geometry(node: fx.Node) -> ConvGeometry | None:
         padding = _pair(padding)
     if None in (stride, padding, dilation):
         return None
+    if padding == "same" and dilation == (1, 1) and all(k % 2 == 1 for k in kernel):
+        # Odd kernels pad 'same' symmetrically, by half the kernel (conv2d takes 'same' at
+        # stride 1 only); even ones pad one more on one side, which stays 'same'.
+        padding = (kernel[0] // 2, kernel[1] // 2)
     return ConvGeometry(kernel, stride, padding, dilation, groups, groups * int(weight.shape[1]))
 
 
@@ -189,16 +203,14 @@ def _convolution_problem(node: fx.Node) -> str | None:
                 "for INT8 to gain"
             )
         return f"grouped convolution (groups={g.groups}): no INT8 path yet (one GEMM per group)"
-    if g.is_gemm:
+    if g.is_gemm or g.is_implicit_gemm:
         return None
     kernel = "x".join(map(str, g.kernel))
     details = f"stride {_text(g.stride)}, padding {_text(g.padding)}"
-    if g.is_1x1:
-        return f"1x1 convolution with padding {_text(g.padding)}: not a GEMM without a padded copy"
     if g.dilation != (1, 1):
         details += f", dilation {_text(g.dilation)}"
         return f"dilated {kernel} convolution ({details}): no INT8 path yet"
-    return f"{kernel} convolution ({details}): no INT8 path yet (implicit-GEMM kernel not built)"
+    return f"{kernel} convolution ({details}): no INT8 path for its asymmetric 'same' padding"
 
 
 def _text(pair: tuple[int, int] | str) -> str:
@@ -348,8 +360,20 @@ def _decide_convolution(node: fx.Node, module: str, config: GradQConfig) -> Deci
         reason = filter_reason(module, config)
     if reason is not None:
         return Decision(node.name, Kind.CONVOLUTION, module, False, reason)
-    shape = "1x1" if conv2d_geometry(node).is_1x1 else "patchify (kernel = stride)"
-    return Decision(node.name, Kind.CONVOLUTION, module, True, f"int8: {shape} conv as a GEMM")
+    g = conv2d_geometry(node)
+    if g.is_gemm:
+        shape = "1x1" if g.is_1x1 else "patchify (kernel = stride)"
+        return Decision(node.name, Kind.CONVOLUTION, module, True, f"int8: {shape} conv as a GEMM")
+    kernel = "x".join(map(str, g.kernel))
+    reason = f"int8: {kernel} conv (stride {_text(g.stride)}, padding {_text(g.padding)}) as an "
+    reason += "implicit GEMM"
+    if Granularity.PER_ROW in (config.activation.granularity, config.gradient.granularity):
+        # Said here and in the report's rows: no silent change of granularity.
+        reason += (
+            "; per_row scales X (forward) and dY (dgrad) per image, not per pixel: a pixel's "
+            "scale would vary along the window"
+        )
+    return Decision(node.name, Kind.CONVOLUTION, module, True, reason)
 
 
 def run(gm: fx.GraphModule, config: GradQConfig) -> list[Decision]:

@@ -1,4 +1,4 @@
-"""Lower every `gradq.mm` of the joint graph to its numerics, for Inductor to compile.
+"""Lower every `gradq.mm` and `gradq.conv2d` of the joint graph to its numerics, for Inductor.
 
 Runs as Inductor's joint-graph custom pass (forward + backward before partitioning; the
 forward graph alone for inference). Each opaque GEMM node becomes what the config's
@@ -15,6 +15,10 @@ forward graph alone for inference). Each opaque GEMM node becomes what the confi
              q_a, s_a = gradq.quantize_rows(tangent_view, clip, 8, False, None, True, False)
              q_b, s_b = gradq.quantize_rows(permute(primals_2), None, 8, ...)
              mm = gradq.int8_scaled_mm(q_a, permute(q_b), s_a, s_b, None, float32)
+
+A `gradq.conv2d` (a dense convolution's GEMM) becomes `ops.conv_reference` (the integer
+convolution of `kernels/int_mm.py`) or `ops.conv_triton` (the implicit-GEMM kernel of
+`kernels/conv.py`) the same way.
 
 The pass is a `CustomGraphPass` whose uuid hashes the source of gradq's numerics and passes,
 so Inductor's FX graph cache and AOTAutograd's cache stay correct when either changes.
@@ -116,11 +120,27 @@ def _patterns(lowering: Lowering) -> PatternMatcherPass:
 
         match.replace_by_example(replacement, [a, b, bias])
 
+    names = ("a", "b", "bias", "stride", "padding", "size", "a_spec", "b_spec", "role", "module")
+    pattern = CallFunction(torch.ops.gradq.conv2d.default, *(KeywordArg(n) for n in names))
+
+    @register_graph_pattern(pattern, pass_dict=patterns)
+    def _lower_conv(match: Match, a, b, bias, stride, padding, size, a_spec, b_spec, role, module):
+        resolved = resolve(lowering, _device(a))
+        if lowering_of(a_spec, b_spec, resolved) == Lowering.TRITON.value:
+            conv = ops.conv_triton
+        else:  # reference, inductor_template (same graph), simulated and float GEMMs
+            conv = ops.conv_reference
+
+        def replacement(a, b, bias):
+            return conv(a, b, bias, stride, padding, size, a_spec, b_spec, role)
+
+        match.replace_by_example(replacement, [a, b, bias])
+
     return patterns
 
 
 def run(graph: fx.Graph, lowering: Lowering = Lowering.AUTO) -> int:
-    """Replace every gradq.mm in `graph`; return how many were replaced."""
+    """Replace every gradq.mm and gradq.conv2d in `graph`; return how many were replaced."""
     count = _patterns(lowering).apply(graph)
     graph.lint()
     return count

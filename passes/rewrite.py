@@ -18,8 +18,9 @@ joint graph AOTAutograd derives holds the forward, dgrad and wgrad GEMMs of ever
              conv2d = gradq_fx.ops.quantized_conv2d(x, w, b, (16, 16), (0, 0), (1, 1), 1,
                           site=("patch_embed.proj", ..., "wgrad"), probe=gradq_probe_0)
 
-(stride, padding, dilation, groups as `annotate.conv2d_geometry` reads them; only the
-convolutions that are GEMMs are marked.)
+(stride, padding, dilation, groups as `annotate.conv2d_geometry` reads them, 'same' resolved;
+only convolutions of groups 1 and dilation 1 are marked: GEMMs, and dense k x k ones that
+`ops.quantized_conv2d` turns into implicit GEMMs.)
 
 Nodes keep their metadata (the value, its shape and dtype are unchanged).
 """

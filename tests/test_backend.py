@@ -134,14 +134,15 @@ def test_mobilevit_with_int8_convolutions_compiles_and_tracks_float():
     x = torch.randn(2, 3, size, size)
     ref_out, ref_dx, ref_dw = step(model, x)
     out, dx, dw = step(model, x, "gradq_eager", None, fullgraph=True)
-    # Measured 24.9 dB (output), 11.9 (dX), 10.5 (worst weight gradient, convolutions
-    # included). Each 1x1 convolution's own output is within 38.5-43.2 dB of float, as
-    # good as a Linear's; this freshly initialised MobileViT amplifies perturbations of its
+    # Measured 24.9 dB (output), 9.8 (dX), 7.9 (worst weight gradient, convolutions
+    # included) with the dense 3x3 convolutions INT8 too (11.9 and 10.5 with them float).
+    # Each convolution's own output is within 38.5-43.2 dB of float (test_conv.py), as good
+    # as a Linear's; this freshly initialised MobileViT amplifies perturbations of its
     # convolutions' outputs: gaussian noise at 40 dB on one of them alone, in float, gives
     # 31.8 dB (output) and 20.7 dB (dX). Its linears are damped (80 dB from the same noise).
     assert sqnr_db(ref_out, out) > 20
-    assert sqnr_db(ref_dx, dx) > 7
-    assert min(sqnr_db(ref_dw[n], dw[n]) for n in ref_dw if ref_dw[n].dim() > 1) > 5.5
+    assert sqnr_db(ref_dx, dx) > 5
+    assert min(sqnr_db(ref_dw[n], dw[n]) for n in ref_dw if ref_dw[n].dim() > 1) > 3
 
 
 def test_bf16_autocast():

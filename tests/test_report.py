@@ -28,13 +28,12 @@ def convolutions(model: torch.nn.Module) -> dict[str, torch.nn.Conv2d]:
 
 
 def gemm_conv_paths(model: torch.nn.Module) -> set[str]:
-    """The Conv2d modules that are GEMMs: groups 1, no padding, 1x1 or kernel == stride."""
+    """The Conv2d modules gradq quantizes: groups 1 and dilation 1 (GEMMs: 1x1 or kernel ==
+    stride without padding; implicit GEMMs: the rest)."""
     return {
         name
         for name, m in convolutions(model).items()
-        if m.groups == 1
-        and m.padding in ((0, 0), "valid")
-        and (m.kernel_size == (1, 1) or (m.kernel_size == m.stride and m.dilation == (1, 1)))
+        if m.groups == 1 and (m.kernel_size == (1, 1) or m.dilation == (1, 1))
     }
 
 
@@ -42,8 +41,9 @@ def gemm_layer_paths(model: torch.nn.Module) -> set[str]:
     return linear_paths(model) | gemm_conv_paths(model)
 
 
-# A patch embedding reads the image, which needs no gradient: it has no dgrad GEMM.
-IMAGE_READERS = {"patch_embed.proj"}
+# A patch embedding (or MobileViT's stem) reads the image, which needs no gradient: it has no
+# dgrad GEMM.
+IMAGE_READERS = {"patch_embed.proj", "stem.conv"}
 
 
 def expected_roles(module: str) -> collections.Counter:
@@ -155,7 +155,7 @@ def test_float_ops_carry_reasons_and_coverage_adds_up():
     }
 
 
-def test_mobilevit_pointwise_convs_are_int8_and_depthwise_ones_float_with_reasons():
+def test_mobilevit_dense_and_pointwise_convs_are_int8_and_depthwise_ones_float_with_reasons():
     model, size = tiny_model("mobilevit_xxs")
     x = torch.randn(2, 3, size, size)
     flops = conv_flops(model, x)
@@ -164,15 +164,31 @@ def test_mobilevit_pointwise_convs_are_int8_and_depthwise_ones_float_with_reason
     convs = convolutions(model)
     pointwise = {name for name, m in convs.items() if m.kernel_size == (1, 1)}
     depthwise = {name for name, m in convs.items() if m.groups == m.in_channels > 1}
-    assert pointwise and depthwise
+    dense = set(convs) - pointwise - depthwise
+    assert pointwise and depthwise and dense
+    assert all(convs[name].kernel_size == (3, 3) for name in dense)
     rows = collections.defaultdict(dict)
     for row in result.int8_gemms:
-        rows[row.module][row.role] = row.flops
-    for name in pointwise:  # every role INT8, with the convolution's FLOPs
-        assert rows[name] == dict.fromkeys(("forward", "dgrad", "wgrad"), flops[name]), name
+        rows[row.module][row.role] = row
+    for name in pointwise | dense:  # every role INT8, with the convolution's FLOPs
+        roles = ("forward", "wgrad") if name in IMAGE_READERS else ("forward", "dgrad", "wgrad")
+        assert {role: row.flops for role, row in rows[name].items()} == dict.fromkeys(
+            roles, flops[name]
+        ), name
+        assert {row.op for row in rows[name].values()} == {
+            "gradq.conv2d" if name in dense else "gradq.mm"
+        }, name
+    for name in dense:  # the scale groupings an implicit GEMM takes for per_row, shown
+        scales = {role: (row.a_scales, row.b_scales) for role, row in rows[name].items()}
+        assert scales["forward"] == ("per image", "per output channel"), name
+        assert scales["wgrad"] == ("per input channel", "per output channel"), name
+        if "dgrad" in scales:
+            assert scales["dgrad"] == ("per image", "per input channel"), name
+    assert "scale X (forward) or dY (dgrad) per image where per_row was asked" in str(result)
     float_ops = collections.defaultdict(dict)
     for op in result.float_ops:
         float_ops[op.module][op.role] = op
+    assert not set(float_ops) & (pointwise | dense)
     for name in depthwise:
         assert name not in rows
         ops = float_ops[name]
@@ -181,8 +197,6 @@ def test_mobilevit_pointwise_convs_are_int8_and_depthwise_ones_float_with_reason
         assert all(reason in op.reason for op in ops.values()), name
         # torch's FLOP counter overcounts a grouped conv's weight gradient; the report not.
         assert all(op.flops == flops[name] for op in ops.values()), name
-    for name in set(convs) - pointwise - depthwise:  # dense 3x3 convolutions
-        assert all("3x3 convolution" in op.reason for op in float_ops[name].values()), name
 
 
 def test_disabled_roles_are_float_and_reported():

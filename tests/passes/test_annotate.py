@@ -59,7 +59,8 @@ def test_every_matmul_like_op_gets_a_decision():
     assert "left operand" in matmuls[2].reason and "1-D operand" in matmuls[3].reason
     assert [d.reason for d in by_kind[Kind.OTHER]] == ["addmm: not rewritten by gradq"]
     assert [d.module for d in by_kind[Kind.CONVOLUTION]] == ["conv"]
-    assert not by_kind[Kind.CONVOLUTION][0].quantize
+    conv = by_kind[Kind.CONVOLUTION][0]  # a dense 3x3 convolution
+    assert conv.quantize and "3x3 conv (stride 1, padding 0) as an implicit GEMM" in conv.reason
 
 
 def test_attention_float_and_globs_keep_ops_in_float_with_reasons():
@@ -105,7 +106,8 @@ def test_module_path_strips_dynamo_prefix():
 
 
 class ConvZoo(torch.nn.Module):
-    """Convolutions that are GEMMs (pointwise, strided, patch, 'same' 1x1) and ones that are not."""
+    """Convolutions that are GEMMs (pointwise, strided, patch, 'same' 1x1), implicit GEMMs
+    (dense, padded) and ones that stay float."""
 
     def __init__(self):
         super().__init__()
@@ -120,6 +122,8 @@ class ConvZoo(torch.nn.Module):
         self.dilated = conv(8, 8, 3, dilation=2)
         self.padded_1x1 = conv(8, 8, 1, padding=1)
         self.padded_patch = conv(8, 8, 2, stride=2, padding=1)
+        self.same_3x3 = conv(8, 8, 3, padding="same")
+        self.same_even = conv(8, 8, 2, padding="same")
         self.conv1d = torch.nn.Conv1d(8, 8, 1)
         self.transposed = torch.nn.ConvTranspose2d(8, 8, 2, stride=2)
 
@@ -138,13 +142,12 @@ CONV_EXPECTED = {
     "same": (True, "int8: 1x1"),
     "depthwise": (False, "depthwise convolution (groups=8): kept float, little arithmetic"),
     "grouped": (False, "grouped convolution (groups=2)"),
-    "dense": (
-        False,
-        "3x3 convolution (stride 1, padding 1): no INT8 path yet (implicit-GEMM kernel not built)",
-    ),
+    "dense": (True, "int8: 3x3 conv (stride 1, padding 1) as an implicit GEMM; per_row scales"),
     "dilated": (False, "dilated 3x3 convolution (stride 1, padding 0, dilation 2)"),
-    "padded_1x1": (False, "1x1 convolution with padding 1: not a GEMM"),
-    "padded_patch": (False, "2x2 convolution (stride 2, padding 1): no INT8 path yet"),
+    "padded_1x1": (True, "int8: 1x1 conv (stride 1, padding 1) as an implicit GEMM"),
+    "padded_patch": (True, "int8: 2x2 conv (stride 2, padding 1) as an implicit GEMM"),
+    "same_3x3": (True, "int8: 3x3 conv (stride 1, padding 1) as an implicit GEMM"),
+    "same_even": (False, "2x2 convolution (stride 1, padding 'same'): no INT8 path for its"),
     "transposed": (False, "transposed convolution (conv_transpose2d)"),
 }
 
@@ -180,3 +183,11 @@ def test_convolutions_false_and_globs_keep_gemm_convolutions_float():
     found = conv_decisions(GradQConfig.from_options({"exclude": ["patch"]}))
     assert not found["patch"].quantize and "exclude pattern 'patch'" in found["patch"].reason
     assert found["pointwise"].quantize and found["strided"].quantize
+
+
+def test_dense_convolution_reason_says_when_per_row_becomes_per_image():
+    per_tensor = {f"{o}_granularity": "per_tensor" for o in ("weight", "activation", "gradient")}
+    found = conv_decisions(GradQConfig.from_options(per_tensor))
+    assert found["dense"].quantize and "per_row" not in found["dense"].reason
+    found = conv_decisions(GradQConfig.from_options({"gradient_granularity": "per_row"}))
+    assert "per_row scales X (forward) and dY (dgrad) per image" in found["dense"].reason

@@ -1,0 +1,330 @@
+"""INT8 implicit-GEMM convolution with the dequantize in its epilogue.
+
+    out[n, o] = float32(conv2d(x, w, stride, padding)[n, o]) * x_scale[n] * w_scale[o]
+                (+ bias[o]),  then cast to out_dtype
+
+`int8_scaled_conv2d(x, w, x_scale, w_scale, stride, padding, bias, out_dtype)`: x int8
+[N, C, H, W] (any strides: NCHW, channels-last, views), w int8 [O, C, kh, kw], x_scale float32
+[N] (one scale per image, the finest a convolution's input can have: `gradq_fx.quantizer`'s
+convolution section), w_scale float32 [O], bias float [O] or None, stride and padding pairs of
+ints (groups 1, dilation 1); out_dtype float32, bfloat16 or
+float16. The output is a contiguous [N, O, H', W'].
+
+No im2col: each program owns a tile of output pixels (n, oh, ow) x output channels, and walks
+the kernel window (kh, kw) and the input channels in BLOCK_K steps, loading the input pixel
+that each output pixel reads at that window position straight from x (padding and the ragged
+edges are masked loads that read 0). This is `gradq_fx.quantizer.quantized_conv2d` after
+quantization; the reference path is that expression over `kernels.int_mm.int8_conv2d`.
+Numerical choices (as in `kernels/gemm.py`):
+- int8 products summed exactly in int32 by `tl.dot`; zero-filled loads add nothing. It
+  overflows only past C kh kw = 2^31 / 128^2 = 131072 for all-(-128) operands.
+- The epilogue does the reference's float32 operations in its order (convert, times the
+  image's scale, times the channel's scale, plus the bias), launched with
+  `enable_fp_fusion=False` so that no fused multiply-add changes a rounding: float32 output
+  is bit-equal to the reference's; bfloat16 is rounded to nearest even on the bits.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gradq_fx.kernels import use_triton
+from gradq_fx.kernels.int_mm import conv2d_output_size, int8_conv2d
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no Triton: the launcher runs the torch reference on every device
+    triton = None
+
+OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _pair_of_ints(value) -> bool:
+    return (
+        isinstance(value, (tuple, list))
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    )
+
+
+def check_conv_args(x, w, x_scale, w_scale, bias, stride, padding, out_dtype) -> None:
+    """Raise ValueError, naming the argument, for inputs `int8_scaled_conv2d` does not take."""
+    name = "int8_scaled_conv2d"
+    for arg, tensor in (("x", x), ("w", w)):
+        if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.int8 or tensor.dim() != 4:
+            got = (
+                f"{tensor.dtype} of shape {tuple(tensor.shape)}"
+                if isinstance(tensor, torch.Tensor)
+                else type(tensor)
+            )
+            raise ValueError(f"{name}: {arg} must be a 4-D int8 tensor, got {got}")
+    if x.shape[1] != w.shape[1]:
+        raise ValueError(
+            f"{name}: x has {x.shape[1]} channels, w expects {w.shape[1]} (groups 1 only): "
+            f"x {tuple(x.shape)}, w {tuple(w.shape)}"
+        )
+    if not _pair_of_ints(stride) or min(stride) < 1:
+        raise ValueError(f"{name}: stride must be two positive ints, got {stride!r}")
+    if not _pair_of_ints(padding) or min(padding) < 0:
+        raise ValueError(f"{name}: padding must be two non-negative ints, got {padding!r}")
+    out_size = conv2d_output_size(x.shape[2:], w.shape[2:], stride, padding)
+    if min(out_size) < 1:
+        raise ValueError(
+            f"{name}: the kernel {tuple(w.shape[2:])} does not fit the input "
+            f"{tuple(x.shape[2:])} padded by {tuple(padding)}"
+        )
+    for arg, tensor, size in (("x_scale", x_scale, x.shape[0]), ("w_scale", w_scale, w.shape[0])):
+        if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.float32:
+            raise ValueError(f"{name}: {arg} must be a float32 tensor, got {tensor!r}")
+        if tuple(tensor.shape) != (size,):
+            raise ValueError(f"{name}: {arg} must have shape ({size},), got {tuple(tensor.shape)}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.dtype not in OUT_DTYPES:
+            raise ValueError(f"{name}: bias must be a float tensor or None, got {bias!r}")
+        if tuple(bias.shape) != (w.shape[0],):
+            raise ValueError(
+                f"{name}: bias must have shape ({w.shape[0]},), got {tuple(bias.shape)}"
+            )
+    if out_dtype not in OUT_DTYPES:
+        raise ValueError(f"{name}: out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
+    for arg, tensor in (("w", w), ("x_scale", x_scale), ("w_scale", w_scale), ("bias", bias)):
+        if tensor is not None and tensor.device != x.device:
+            raise ValueError(f"{name}: {arg} is on {tensor.device}, x on {x.device}")
+
+
+def int8_scaled_conv2d_reference(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_scale: torch.Tensor,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """`int8_scaled_conv2d` in torch (module docstring), exact int32 convolution from `int_mm`."""
+    stride, padding = tuple(stride), tuple(padding)
+    check_conv_args(x, w, x_scale, w_scale, bias, stride, padding, out_dtype)
+    # quantizer.quantized_conv2d's epilogue, in its order.
+    acc = int8_conv2d(x, w, stride, padding)
+    out = acc.float() * x_scale[:, None, None, None] * w_scale[None, :, None, None]
+    if bias is not None:
+        out = out + bias.float()[:, None, None]
+    return out.to(out_dtype).contiguous()
+
+
+@torch.library.custom_op("gradq::int8_scaled_conv2d", mutates_args=())
+def int8_scaled_conv2d(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_scale: torch.Tensor,
+    stride: list[int],
+    padding: list[int],
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """conv2d of int8 x [N, C, H, W] by int8 w [O, C, kh, kw], dequantized in the epilogue
+    (module docstring): [N, O, H', W'].
+
+    Triton on CUDA tensors and under TRITON_INTERPRET=1 (`gradq_fx.kernels.use_triton`), else
+    `int8_scaled_conv2d_reference`.
+    """
+    stride, padding = tuple(stride), tuple(padding)
+    if triton is None or not use_triton(x):
+        return int8_scaled_conv2d_reference(
+            x, w, x_scale, w_scale, stride, padding, bias, out_dtype
+        )
+    check_conv_args(x, w, x_scale, w_scale, bias, stride, padding, out_dtype)
+    return _launch(x, w, x_scale, w_scale, bias, stride, padding, out_dtype)
+
+
+@int8_scaled_conv2d.register_fake
+def _(x, w, x_scale, w_scale, stride, padding, bias=None, out_dtype=torch.float32):
+    stride, padding = tuple(stride), tuple(padding)
+    check_conv_args(x, w, x_scale, w_scale, bias, stride, padding, out_dtype)
+    out_size = conv2d_output_size(x.shape[2:], w.shape[2:], stride, padding)
+    return x.new_empty((x.shape[0], w.shape[0], *out_size), dtype=out_dtype)
+
+
+def _launch(x, w, x_scale, w_scale, bias, stride, padding, out_dtype) -> torch.Tensor:
+    batch, channels, height, width = x.shape
+    out_channels, _, kernel_h, kernel_w = w.shape
+    out_h, out_w = conv2d_output_size((height, width), (kernel_h, kernel_w), stride, padding)
+    out = torch.empty((batch, out_channels, out_h, out_w), dtype=out_dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    pixels = batch * out_h * out_w
+
+    def grid(meta):
+        return (triton.cdiv(pixels, meta["BLOCK_M"]) * triton.cdiv(out_channels, meta["BLOCK_N"]),)
+
+    _int8_conv2d_kernel[grid](
+        x,
+        w,
+        x_scale,
+        w_scale,
+        bias if bias is not None else x_scale,  # unused placeholder when HAS_BIAS is False
+        out,
+        pixels,
+        channels,
+        height,
+        width,
+        out_channels,
+        out_h,
+        out_w,
+        kernel_h,
+        kernel_w,
+        *stride,
+        *padding,
+        *x.stride(),
+        *w.stride(),
+        x_scale.stride(0),
+        w_scale.stride(0),
+        0 if bias is None else bias.stride(0),
+        *out.stride(),
+        HAS_BIAS=bias is not None,
+        OUT_BF16=out_dtype == torch.bfloat16,
+        enable_fp_fusion=False,  # keep the epilogue's multiply and add separately rounded
+    )
+    return out
+
+
+if triton is not None:
+    # int8 tensor-core tiles for CUDA (BLOCK_K >= 32 for the int8 MMA). BLOCK_K runs over
+    # input channels at one window position: channel counts below it waste part of a step.
+    def _config(block_m, block_n, block_k, stages, warps, group_m=8):
+        meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m}
+        return triton.Config(meta, num_stages=stages, num_warps=warps)
+
+    _CUDA_CONFIGS = [
+        _config(128, 128, 64, stages=4, warps=8),
+        _config(128, 64, 64, stages=4, warps=4),
+        _config(64, 128, 64, stages=4, warps=4),
+        _config(64, 64, 64, stages=4, warps=4),
+        _config(128, 64, 32, stages=4, warps=4),
+        _config(64, 32, 32, stages=5, warps=2),
+    ]
+    _INTERPRETER_CONFIGS = [
+        triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4})
+    ]
+
+    @triton.autotune(
+        configs=_INTERPRETER_CONFIGS if triton.knobs.runtime.interpret else _CUDA_CONFIGS,
+        key=["P", "C", "OC", "KH", "KW", "stride_xc", "HAS_BIAS"],
+    )
+    @triton.jit
+    def _int8_conv2d_kernel(
+        # pointers
+        x_ptr,
+        w_ptr,
+        x_scale_ptr,
+        w_scale_ptr,
+        bias_ptr,
+        out_ptr,
+        # sizes: P = N * OH * OW output pixels
+        P,
+        C,
+        H,
+        W,
+        OC,
+        OH,
+        OW,
+        KH,
+        KW,
+        # geometry
+        STRIDE_H,
+        STRIDE_W,
+        PAD_H,
+        PAD_W,
+        # strides
+        stride_xn,
+        stride_xc,
+        stride_xh,
+        stride_xw,
+        stride_wo,
+        stride_wc,
+        stride_wh,
+        stride_ww,
+        stride_xs,
+        stride_ws,
+        stride_bias,
+        stride_on,
+        stride_oo,
+        stride_oh,
+        stride_ow,
+        # meta-parameters
+        HAS_BIAS: tl.constexpr,
+        OUT_BF16: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
+    ):
+        # One program per tile of output pixels x output channels; tiles go down GROUP_M rows
+        # of tiles before moving right, so neighbours share weights and input rows in L2.
+        pid = tl.program_id(0)
+        tiles_m = tl.cdiv(P, BLOCK_M)
+        tiles_n = tl.cdiv(OC, BLOCK_N)
+        group = pid // (GROUP_M * tiles_n)
+        first_m = group * GROUP_M
+        group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % (GROUP_M * tiles_n)) % group_rows
+        pid_n = (pid % (GROUP_M * tiles_n)) // group_rows
+
+        offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        mask_m = offs_m < P
+        mask_n = offs_n < OC
+        # Output pixel (n, oh, ow) of each row; the top-left input pixel of its window.
+        image = offs_m // (OH * OW)
+        oh = (offs_m % (OH * OW)) // OW
+        ow = offs_m % OW
+        top = oh * STRIDE_H - PAD_H
+        left = ow * STRIDE_W - PAD_W
+        offs_k = tl.arange(0, BLOCK_K)
+
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for kh in range(0, KH):
+            ih = top + kh
+            for kw in range(0, KW):
+                iw = left + kw
+                # Rows whose window position falls in the padding read zeros.
+                inside = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                x_rows = x_ptr + image * stride_xn + ih * stride_xh + iw * stride_xw
+                w_cols = w_ptr + offs_n * stride_wo + kh * stride_wh + kw * stride_ww
+                for c0 in range(0, C, BLOCK_K):
+                    offs_c = c0 + offs_k
+                    mask_c = offs_c < C
+                    a = tl.load(
+                        x_rows[:, None] + offs_c[None, :] * stride_xc,
+                        mask=inside[:, None] & mask_c[None, :],
+                        other=0,
+                    )
+                    b = tl.load(
+                        w_cols[None, :] + offs_c[:, None] * stride_wc,
+                        mask=mask_c[:, None] & mask_n[None, :],
+                        other=0,
+                    )
+                    acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+
+        # Epilogue, in the reference's order: float32(acc) * x_scale[n] * w_scale[o] + bias.
+        x_scale = tl.load(x_scale_ptr + image * stride_xs, mask=mask_m)
+        w_scale = tl.load(w_scale_ptr + offs_n * stride_ws, mask=mask_n)
+        out = acc.to(tl.float32) * x_scale[:, None] * w_scale[None, :]
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n).to(tl.float32)
+            out = out + bias[None, :]
+        out_rows = out_ptr + image * stride_on + oh * stride_oh + ow * stride_ow
+        out_ptrs = out_rows[:, None] + offs_n[None, :] * stride_oo
+        mask = mask_m[:, None] & mask_n[None, :]
+        if OUT_BF16:
+            # Round to nearest even on the bits (kernels/gemm.py explains why).
+            bits = out.to(tl.uint32, bitcast=True)
+            bits = bits + 0x7FFF + ((bits >> 16) & 1)
+            bits = tl.where(out != out, 0x7FC00000, bits)
+            rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+            tl.store(out_ptrs, rounded, mask=mask)
+        else:
+            tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
