@@ -379,7 +379,8 @@ class Trainer:
         if self.dist.is_main:
             note(
                 f"gradq ({self.backend}) rewrote {self.gradq.rewritten} matmul-like ops into "
-                f"INT8 GEMMs in {self.gradq.graphs} graph(s); first step {seconds:.1f} s"
+                f"quantized GEMMs in {self.gradq.graphs} graph(s) (`python -m gradq_fx report` "
+                f"says which run in INT8); first step {seconds:.1f} s"
             )
 
     @torch.no_grad()
