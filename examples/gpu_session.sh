@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Everything gradq needs measured on a lent GPU, in one call (the device tool's `run`):
-#   bash examples/gpu_session.sh [QUICK]
+# What gradq needs measured on a lent GPU, one device call (the device tool's `run`) each:
+#   bash examples/gpu_session.sh [QUICK]           GPU tests, kernel bench, DeiT-B step bench
+#   bash examples/gpu_session.sh STEP MODEL BATCH [PX]  one more step bench (issue 3 and 6
+#        targets: swin_base_patch4_window7_224 64, mobilevit_s 128 224, mobilevit_xxs 128 224)
 # installs gradq into the machine's python3 (torch, triton and timm are already there; nothing
-# is fetched), runs the GPU tests, then the kernel and training-step benchmarks of issue 3.
-# Results land in $OUT (at most 8 files come back): gpu-tests.log, kernels.json, kernels.png,
-# deit_b.json, bench.log. QUICK=1 skips the step benchmark (the longest part).
+# is fetched) and leaves the results in $OUT (at most 8 files come back): gpu-tests.log,
+# kernels.json, kernels.png, deit_b.json (or MODEL.json), bench.log. QUICK skips the DeiT-B
+# step benchmark (the longest part). A device call may run 10 minutes at most.
 set -uo pipefail
 OUT=${OUT:-out/gpu-session}
 mkdir -p "$OUT"
@@ -18,6 +20,19 @@ log="$OUT/bench.log"
 } >"$log" 2>&1
 
 python3 -m pip install -q --no-deps --no-build-isolation -e . >>"$log" 2>&1 || exit 1
+
+if [ "${1:-}" = "STEP" ]; then
+  model=${2:?STEP needs a timm model name}
+  batch=${3:?STEP needs a batch size}
+  size=()
+  [ -n "${4:-}" ] && size=(--img-size "$4")
+  python3 -m gradq_fx bench --model "$model" --batch-size "$batch" "${size[@]}" \
+    --out "$OUT/step" >>"$log" 2>&1
+  cp "$OUT"/step/bench.json "$OUT/$model.json" 2>/dev/null
+  rm -rf "$OUT/step"
+  tail -n 40 "$log"
+  exit 0
+fi
 
 # GPU tests: kernels against their references, compiled models reaching the kernels.
 python3 -m pytest -q -m gpu -p no:cacheprovider >"$OUT/gpu-tests.log" 2>&1
