@@ -10,9 +10,10 @@ interrupted sweep continues where it stopped. Seeds go in the outer loop: a part
 holds whole seeds of every setting. `table` prints the mean and standard deviation of test
 top-1 per model and setting from whatever runs have finished, with the protocol they used.
 
-The protocol defaults are small; on a GPU pass larger ones. On a 2-core CPU the default gradq
-settings trained far slower than fp32 (about 40x in one measurement on a busy machine; the IQR
-gradient clipping dominates), which is why no table from this script has been committed yet.
+The protocol defaults are small; on a GPU pass larger ones. The README's table came from this
+script on a 2-core CPU (its command is printed there; the runs' result.json and log.csv files
+are in examples/results/ablation/, which `table --root` reads like any other root). There the
+IQR gradient clipping made a gradq epoch about 4-5x slower than an fp32 one.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ SETTINGS = {
 # Protocol flags recorded with the table; they must be equal across the runs of a row.
 PROTOCOL = (
     "train_subset", "test_subset", "img_size", "patch_size", "depth", "augment", "epochs",
-    "batch_size", "lr", "warmup_epochs", "backend",
+    "batch_size", "lr", "warmup_epochs", "backend", "options",
 )  # fmt: skip
 
 
@@ -89,6 +90,11 @@ def collect(root: Path) -> dict[tuple[str, str], list[dict]]:
     return results
 
 
+def _hashable(value):
+    """A protocol value as a set member: a dict (--option's) as its sorted items."""
+    return tuple(sorted(value.items())) if isinstance(value, dict) else value
+
+
 def table(args: argparse.Namespace) -> int:
     results = collect(args.root)
     if not results:
@@ -97,7 +103,7 @@ def table(args: argparse.Namespace) -> int:
     rows = []
     for (model, setting), runs in results.items():
         top1 = [r["top1"] for r in runs]
-        protocols = {tuple(r["config"][key] for key in PROTOCOL) for r in runs}
+        protocols = {tuple(_hashable(r["config"].get(key)) for key in PROTOCOL) for r in runs}
         if len(protocols) != 1:
             raise ValueError(f"{model} {setting}: runs with different protocols {protocols}")
         spread = statistics.stdev(top1) if len(top1) > 1 else float("nan")

@@ -52,3 +52,13 @@ def test_run_rejects_unknown_settings(capsys):
     with pytest.raises(SystemExit):
         ablation.main(["run", "--settings", "gradq,fp64"])
     assert "--settings" in capsys.readouterr().err
+
+
+def test_table_tells_runs_apart_by_their_gradq_options(tmp_path, capsys):
+    write_run(tmp_path, "test_vit", "gradq", 0, 80.0, options={"gradient_bits": 4})
+    write_run(tmp_path, "test_vit", "gradq", 1, 81.0, options={"gradient_bits": 4})
+    assert ablation.table(ablation.argparse.Namespace(root=tmp_path)) == 0
+    assert "('gradient_bits', 4)" in capsys.readouterr().out  # the protocol line names it
+    write_run(tmp_path, "test_vit", "gradq", 2, 82.0, options={})
+    with pytest.raises(ValueError, match="different protocols"):
+        ablation.table(ablation.argparse.Namespace(root=tmp_path))
