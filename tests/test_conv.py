@@ -274,3 +274,23 @@ def test_inductor_matches_gradq_eager():
     assert sqnr_db(expected[0], actual[0]) > 50 and sqnr_db(expected[1], actual[1]) > 50
     for name, grad in expected[2].items():
         assert sqnr_db(grad, actual[2][name]) > 50, name
+
+
+@pytest.mark.parametrize("bits", [2, 4, 7])
+def test_dense_conv_below_8_bits_equals_the_conv_of_its_codes(bits):
+    # Below 8 bits the convolution is fake-quantized (float convolution of the dequantized
+    # operands); it must equal the exact convolution of the integer codes, scaled, in float64.
+    from gradq_fx import quantizer
+    from gradq_fx.config import QuantSpec
+
+    torch.manual_seed(bits)
+    x, w = torch.randn(2, 5, 9, 7), torch.randn(6, 5, 3, 3)
+    x[0, :, 4, 3] = 40.0  # an outlier pixel
+    spec = QuantSpec(bits=bits)
+    out = quantizer.quantized_conv2d(x, w, None, (2, 2), (1, 1), spec, spec)
+    x_q, x_scale = quantizer.quantize_slices(x, spec, keep=0)
+    w_q, w_scale = quantizer.quantize_slices(w, spec, keep=0)
+    assert x_q.abs().max() <= spec.qmax and w_q.abs().max() <= spec.qmax
+    codes = F.conv2d(x_q.double(), w_q.double(), None, 2, 1)
+    expected = codes * x_scale.double()[:, None, None, None] * w_scale.double()[None, :, None, None]
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
