@@ -58,6 +58,20 @@ def run_dir(root: Path, model: str, setting: str, seed: int) -> Path:
     return root / model / setting.replace(" ", "") / f"seed{seed}"
 
 
+def train_command(
+    out: Path, model: str, seed: int, args: argparse.Namespace, flags: list[str]
+) -> list[str]:
+    """`python -m gradq_fx train` for one run of the protocol in `args`, with `flags` and then
+    the user's TRAIN FLAGS."""
+    return [
+        sys.executable, "-m", "gradq_fx", "train", "--model", model, "--seed", str(seed),
+        "--epochs", str(args.epochs), "--train-subset", str(args.train_subset),
+        "--test-subset", str(args.test_subset), "--img-size", str(args.img_size),
+        "--patch-size", str(args.patch_size), "--batch-size", str(args.batch_size),
+        "--log-every", "1000", "--out", str(out), *flags, *args.train_flags,
+    ]  # fmt: skip
+
+
 def run(args: argparse.Namespace) -> int:
     unknown = sorted(set(args.settings) - set(SETTINGS))
     if unknown:
@@ -67,15 +81,8 @@ def run(args: argparse.Namespace) -> int:
         out = run_dir(args.root, model, setting, seed)
         if (out / "result.json").exists():
             continue
-        command = [
-            sys.executable, "-m", "gradq_fx", "train", "--model", model, "--seed", str(seed),
-            "--epochs", str(args.epochs), "--train-subset", str(args.train_subset),
-            "--test-subset", str(args.test_subset), "--img-size", str(args.img_size),
-            "--patch-size", str(args.patch_size), "--batch-size", str(args.batch_size),
-            "--log-every", "1000", "--out", str(out), *SETTINGS[setting], *args.train_flags,
-        ]  # fmt: skip
-        if setting != "fp32":
-            command += ["--backend", args.backend]
+        flags = SETTINGS[setting] + ([] if setting == "fp32" else ["--backend", args.backend])
+        command = train_command(out, model, seed, args, flags)
         print(f"[{index}/{len(jobs)}] {model} {setting} seed {seed}", file=sys.stderr, flush=True)
         subprocess.run(command, check=True)
     return 0
@@ -120,12 +127,8 @@ def table(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    run_parser = commands.add_parser("run", help="train the missing runs")
-    run_parser.add_argument("--models", type=_csv(str), default=["test_vit", "mobilevit_xxs"])
-    run_parser.add_argument("--settings", type=_csv(str), default=list(SETTINGS))
+def add_protocol_arguments(run_parser: argparse.ArgumentParser) -> None:
+    """The `run` arguments every sweep shares: seeds and the training protocol."""
     run_parser.add_argument("--seeds", type=_csv(int), default=[0, 1, 2])
     run_parser.add_argument("--epochs", type=int, default=3)
     run_parser.add_argument("--train-subset", type=int, default=6000)
@@ -134,12 +137,27 @@ def main(argv: list[str] | None = None) -> int:
     run_parser.add_argument("--patch-size", type=int, default=4)
     run_parser.add_argument("--batch-size", type=int, default=128)
     run_parser.add_argument("--backend", choices=("gradq", "gradq_eager"), default="gradq")
-    for sub in (run_parser, commands.add_parser("table", help="print the results table")):
-        sub.add_argument("--root", type=Path, default=Path("runs/ablation"))
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse argv up to `--`; what follows goes to every run's train command (train_flags)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     split = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:split])
     args.train_flags = argv[split + 1 :]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run_parser = commands.add_parser("run", help="train the missing runs")
+    run_parser.add_argument("--models", type=_csv(str), default=["test_vit", "mobilevit_xxs"])
+    run_parser.add_argument("--settings", type=_csv(str), default=list(SETTINGS))
+    add_protocol_arguments(run_parser)
+    for sub in (run_parser, commands.add_parser("table", help="print the results table")):
+        sub.add_argument("--root", type=Path, default=Path("runs/ablation"))
+    args = parse(parser, argv)
     try:
         return run(args) if args.command == "run" else table(args)
     except ValueError as error:

@@ -58,13 +58,7 @@ def run_dir(root: Path, model: str, name: str, seed: int) -> Path:
 def _train(out: Path, model: str, seed: int, args: argparse.Namespace, flags: list[str]) -> None:
     if (out / "result.json").exists():
         return
-    command = [
-        sys.executable, "-m", "gradq_fx", "train", "--model", model, "--seed", str(seed),
-        "--epochs", str(args.epochs), "--train-subset", str(args.train_subset),
-        "--test-subset", str(args.test_subset), "--img-size", str(args.img_size),
-        "--patch-size", str(args.patch_size), "--batch-size", str(args.batch_size),
-        "--log-every", "1000", "--out", str(out), *flags, *args.train_flags,
-    ]  # fmt: skip
+    command = ablation.train_command(out, model, seed, args, flags)
     print(f"{model} {out.parent.name} seed {seed}", file=sys.stderr, flush=True)
     subprocess.run(command, check=True)
 
@@ -98,20 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     run_parser.add_argument("--models", type=ablation._csv(str), default=["test_vit"])
     run_parser.add_argument("--bits", type=ablation._csv(int), default=[4, 3, 2])
     run_parser.add_argument("--settings", type=ablation._csv(str), default=list(SETTINGS))
-    run_parser.add_argument("--seeds", type=ablation._csv(int), default=[0, 1, 2])
-    run_parser.add_argument("--epochs", type=int, default=3)
-    run_parser.add_argument("--train-subset", type=int, default=6000)
-    run_parser.add_argument("--test-subset", type=int, default=2000)
-    run_parser.add_argument("--img-size", type=int, default=32)
-    run_parser.add_argument("--patch-size", type=int, default=4)
-    run_parser.add_argument("--batch-size", type=int, default=128)
-    run_parser.add_argument("--backend", choices=("gradq", "gradq_eager"), default="gradq")
+    ablation.add_protocol_arguments(run_parser)
     for sub in (run_parser, commands.add_parser("table", help="print the results table")):
         sub.add_argument("--root", type=Path, default=Path("runs/qat"))
-    argv = sys.argv[1:] if argv is None else list(argv)
-    split = argv.index("--") if "--" in argv else len(argv)
-    args = parser.parse_args(argv[:split])
-    args.train_flags = argv[split + 1 :]
+    args = ablation.parse(parser, argv)
     try:
         return run(args) if args.command == "run" else ablation.table(args)
     except ValueError as error:
