@@ -194,24 +194,19 @@ def _launch(x, w, x_scale, w_scale, bias, stride, padding, out_dtype) -> torch.T
 if triton is not None:
     # int8 tensor-core tiles for CUDA (BLOCK_K >= 32 for the int8 MMA). BLOCK_K runs over
     # input channels at one window position: channel counts below it waste part of a step.
-    def _config(block_m, block_n, block_k, stages, warps, group_m=8):
-        meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m}
-        return triton.Config(meta, num_stages=stages, num_warps=warps)
+    from gradq_fx.kernels.gemm import INTERPRETER_CONFIGS, tile_config
 
     _CUDA_CONFIGS = [
-        _config(128, 128, 64, stages=4, warps=8),
-        _config(128, 64, 64, stages=4, warps=4),
-        _config(64, 128, 64, stages=4, warps=4),
-        _config(64, 64, 64, stages=4, warps=4),
-        _config(128, 64, 32, stages=4, warps=4),
-        _config(64, 32, 32, stages=5, warps=2),
-    ]
-    _INTERPRETER_CONFIGS = [
-        triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4})
+        tile_config(128, 128, 64, stages=4, warps=8),
+        tile_config(128, 64, 64, stages=4, warps=4),
+        tile_config(64, 128, 64, stages=4, warps=4),
+        tile_config(64, 64, 64, stages=4, warps=4),
+        tile_config(128, 64, 32, stages=4, warps=4),
+        tile_config(64, 32, 32, stages=5, warps=2),
     ]
 
     @triton.autotune(
-        configs=_INTERPRETER_CONFIGS if triton.knobs.runtime.interpret else _CUDA_CONFIGS,
+        configs=INTERPRETER_CONFIGS if triton.knobs.runtime.interpret else _CUDA_CONFIGS,
         key=["P", "C", "OC", "KH", "KW", "stride_xc", "HAS_BIAS"],
     )
     @triton.jit

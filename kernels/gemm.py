@@ -214,27 +214,28 @@ def _launch(a, b, row_scale, col_scale, bias, out_dtype) -> torch.Tensor:
 if triton is not None:
     # int8 tensor-core tiles for CUDA (BLOCK_K >= 32 for the int8 MMA), small-M tiles last for
     # M <= 16 (decode-like shapes, tiny batches).
-    def _config(block_m, block_n, block_k, stages, warps, group_m=8):
+    def tile_config(block_m, block_n, block_k, stages, warps, group_m=8):
+        """An autotune config of a GEMM-tiled kernel (gemm.py, conv.py)."""
         meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m}
         return triton.Config(meta, num_stages=stages, num_warps=warps)
 
     _CUDA_CONFIGS = [
-        _config(128, 256, 128, stages=3, warps=8),
-        _config(256, 128, 128, stages=3, warps=8),
-        _config(128, 128, 128, stages=4, warps=8),
-        _config(128, 128, 64, stages=4, warps=4),
-        _config(64, 128, 128, stages=4, warps=4),
-        _config(128, 64, 128, stages=4, warps=4),
-        _config(64, 64, 128, stages=4, warps=4),
-        _config(32, 64, 128, stages=5, warps=4),
-        _config(16, 64, 128, stages=5, warps=2),
+        tile_config(128, 256, 128, stages=3, warps=8),
+        tile_config(256, 128, 128, stages=3, warps=8),
+        tile_config(128, 128, 128, stages=4, warps=8),
+        tile_config(128, 128, 64, stages=4, warps=4),
+        tile_config(64, 128, 128, stages=4, warps=4),
+        tile_config(128, 64, 128, stages=4, warps=4),
+        tile_config(64, 64, 128, stages=4, warps=4),
+        tile_config(32, 64, 128, stages=5, warps=4),
+        tile_config(16, 64, 128, stages=5, warps=2),
     ]
-    _INTERPRETER_CONFIGS = [
+    INTERPRETER_CONFIGS = [  # one small tile: the interpreter runs every config
         triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4})
     ]
 
     @triton.autotune(
-        configs=_INTERPRETER_CONFIGS if triton.knobs.runtime.interpret else _CUDA_CONFIGS,
+        configs=INTERPRETER_CONFIGS if triton.knobs.runtime.interpret else _CUDA_CONFIGS,
         key=["M", "N", "K", "stride_ak", "stride_bn", "HAS_BIAS"],
     )
     @triton.jit
