@@ -340,7 +340,7 @@ class _GraphFacts:
             for user in node.users:
                 self.digraph.add_edge(node, user)
         tangents = [n for n in graph.nodes if n.op == "placeholder" and "tangents" in n.name]
-        self.backward = set().union(*(nx.descendants(self.digraph, t) for t in tangents))
+        self.backward = set(tangents).union(*(nx.descendants(self.digraph, t) for t in tangents))
         self.weight_grads: set[fx.Node] = set()
         if captured.num_forward_outputs is not None:
             primals = [n for n in graph.nodes if n.op == "placeholder" and "primals" in n.name]
@@ -361,6 +361,16 @@ class _GraphFacts:
         self.feeds_weight_grad = set()
         for out in self.weight_grads & set(passthrough.nodes):
             self.feeds_weight_grad |= {out} | nx.ancestors(passthrough, out)
+
+    def operands(self, a: fx.Node, b: fx.Node, module: str) -> tuple[str, str]:
+        """What a gradq GEMM's operands are: "G" (a gradient: downstream of the tangents),
+        "W" (b of a GEMM with a weight) or "A" (an activation)."""
+        # Activation x activation sites are named "module[node]" (rewrite.py).
+        right = "A" if module.endswith("]") else "W"
+        return (
+            "G" if a in self.backward else "A",
+            "G" if b in self.backward else right,
+        )
 
     def graph_of(self, node: fx.Node) -> str:
         return "bwd" if node in self.backward else "fwd"
@@ -405,10 +415,8 @@ def analyse(captured: list[_Captured], config: GradQConfig, training: bool) -> R
                     a, b, _bias, a_spec, b_spec, role, module = node.args
                 else:
                     a, b, _bias, _stride, _padding, _size, a_spec, b_spec, role, module = node.args
-                # Activation x activation sites are named "module[node]" (rewrite.py).
-                right_is_weight = not module.endswith("]")
                 resolved = resolve(config.lowering, _device(a))
-                lowering = lowering_of(a_spec, b_spec, resolved, right_is_weight)
+                lowering = lowering_of(a_spec, b_spec, resolved, facts.operands(a, b, module))
                 op = str(node.target.overloadpacket).removeprefix("torch.ops.")
                 row = GemmRow(
                     graph, role, module, _shape(a), _shape(b), a_spec, b_spec,

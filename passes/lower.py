@@ -73,11 +73,13 @@ def lowering_of(
     a_spec: str,
     b_spec: str,
     lowering: Lowering = Lowering.REFERENCE,
-    right_is_weight: bool = True,
+    operands: tuple[str, str] = ("A", "W"),
 ) -> str:
     """The report's name for what a gradq.mm with these specs becomes (`lowering` resolved).
 
-    right_is_weight: name fake-quantized operands W<bits>A<bits> (else A<bits>A<bits>).
+    operands: what a and b are, "W" (weight), "A" (activation) or "G" (gradient); a
+    fake-quantized GEMM is named by its operands' widths in the order W, A, G: "W4A4" for a
+    4-bit forward, "W8G4" for its dgrad and "A8G4" for its wgrad with 4-bit gradients.
     """
     if not (a_spec and b_spec):
         return FLOAT_LOWERING
@@ -87,9 +89,13 @@ def lowering_of(
     if not quantizer.is_fake_quantized(a, b):
         return lowering.value
     kind = LSQ_LOWERING if None in (a, b) else FAKE_QUANT_LOWERING
-    a_bits, b_bits = operand_bits(a_spec), operand_bits(b_spec)
-    widths = f"W{b_bits}A{a_bits}" if right_is_weight else f"A{a_bits}A{b_bits}"
+    named = zip(operands, (operand_bits(a_spec), operand_bits(b_spec)), strict=True)
+    widths = "".join(f"{letter}{bits}" for letter, bits in sorted(named, key=_operand_order))
     return f"{kind} {widths}"
+
+
+def _operand_order(named: tuple[str, int]) -> int:
+    return "WAG".index(named[0])
 
 
 def runs_in_int8(lowering: str) -> bool:

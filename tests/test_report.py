@@ -270,3 +270,29 @@ def test_each_gemm_names_its_lowering():
     assert {triton[(m, "wgrad")] for m in ("0", "2")} == {"float matmul"}
     with pytest.raises(ValueError, match="inductor_template.*CUDA"):
         report(model, x, {"lowering": "inductor_template"})
+
+
+class _Product(torch.nn.Module):
+    """Two activations multiplied, as attention's QK^T: no weight among the operands."""
+
+    def forward(self, x, y):
+        return torch.matmul(x, y.transpose(-1, -2))
+
+
+def test_fake_quant_labels_name_each_operand_with_its_width():
+    # Below 8 bits a GEMM is fake-quantized, and its label names what each operand is: W
+    # (weight), A (activation) or G (gradient). With 4-bit gradients the backward GEMMs take
+    # the gradient at 4 bits and the other operand at 8; the forward stays INT8.
+    model = torch.nn.Sequential(torch.nn.Linear(13, 17))
+    x = torch.randn(7, 13, requires_grad=True)
+    rows = report(model, x, {"gradient_bits": 4}).gemms
+    lowering = {row.role: row.lowering for row in rows}
+    assert lowering == {"forward": "reference", "dgrad": "fake-quant W8G4",
+                        "wgrad": "fake-quant A8G4"}  # fmt: skip
+
+    x, y = torch.randn(2, 7, 16, requires_grad=True), torch.randn(2, 5, 16, requires_grad=True)
+    options = {"attention": "int8", "activation_bits": 6, "gradient_bits": 3}
+    rows = report(_Product(), (x, y), options).gemms
+    assert sorted(row.lowering for row in rows) == [
+        "fake-quant A6A6", "fake-quant A8G3", "fake-quant A8G3",
+    ]  # fmt: skip
