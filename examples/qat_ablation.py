@@ -4,12 +4,14 @@
         [-- TRAIN FLAGS]      (e.g. -- --depth 2 --no-augment --lr 0.003)
     python examples/qat_ablation.py table [--root runs/qat]
 
-`run` first trains one fp32 teacher per (model, seed) into ROOT/<model>/teacher/seed<seed>/,
-then every (model, bits, setting, seed) with `python -m gradq_fx train`, one process per run,
-into ROOT/<model>/<setting>-w<b>a<b>/seed<seed>/. Settings: min-max fake quantization
-(`minmax`), LSQ (`lsq`), LSQ + bin regularizer (`lsq+obr`), and LSQ + regularizer +
-distillation from the teacher (`lsq+obr+kd`), all at --precision gradq (INT8 backward). A run
-whose result.json exists is skipped, so an interrupted sweep continues where it stopped.
+`run` first trains one fp32 teacher per (model, seed) into ROOT/<model>/teacher/seed<seed>/
+with the students' protocol (`--teacher CHECKPOINT` distils every run from that float
+checkpoint of `python -m gradq_fx train` instead, e.g. one trained longer), then every (model,
+bits, setting, seed) with `python -m gradq_fx train`, one process per run, into
+ROOT/<model>/<setting>-w<b>a<b>/seed<seed>/. Settings: min-max fake quantization (`minmax`),
+LSQ (`lsq`), LSQ + bin regularizer (`lsq+obr`), and LSQ + regularizer + distillation from the
+teacher (`lsq+obr+kd`), all at --precision gradq (INT8 backward). A run whose result.json
+exists is skipped, so an interrupted sweep continues where it stopped.
 `table` prints mean and standard deviation of test top-1 per model and setting (the fp32
 teachers as `teacher`), with the protocol they used (examples/ablation.py's table).
 
@@ -70,14 +72,19 @@ def run(args: argparse.Namespace) -> int:
     bad_bits = [b for b in args.bits if not 2 <= b <= 8]
     if bad_bits:
         raise ValueError(f"--bits: widths are 2 to 8, got {bad_bits}")
+    if args.teacher is not None and not args.teacher.is_file():
+        raise ValueError(f"--teacher: no checkpoint at {args.teacher}")
+    distils = any("{teacher}" in " ".join(SETTINGS[s]) for s in args.settings)
     for seed in args.seeds:  # whole seeds first: a partial sweep holds every setting
         for model in args.models:
-            teacher = run_dir(args.root, model, TEACHER, seed)
-            if any("{teacher}" in " ".join(SETTINGS[s]) for s in args.settings):
-                _train(teacher, model, seed, args, ["--precision", "fp32"])
+            teacher = args.teacher
+            if teacher is None:
+                teacher = run_dir(args.root, model, TEACHER, seed) / "checkpoint.pt"
+                if distils:
+                    _train(teacher.parent, model, seed, args, ["--precision", "fp32"])
             for bits in args.bits:
                 for setting in args.settings:
-                    flags = [f.format(teacher=teacher / "checkpoint.pt") for f in SETTINGS[setting]]
+                    flags = [f.format(teacher=teacher) for f in SETTINGS[setting]]
                     flags += ["--precision", "gradq", "--backend", args.backend]
                     flags += ["--weight-bits", str(bits), "--activation-bits", str(bits)]
                     out = run_dir(args.root, model, setting_name(setting, bits), seed)
@@ -92,6 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     run_parser.add_argument("--models", type=ablation._csv(str), default=["test_vit"])
     run_parser.add_argument("--bits", type=ablation._csv(int), default=[4, 3, 2])
     run_parser.add_argument("--settings", type=ablation._csv(str), default=list(SETTINGS))
+    run_parser.add_argument(
+        "--teacher",
+        type=Path,
+        metavar="CHECKPOINT",
+        help="distil from this float checkpoint.pt instead of a teacher per seed",
+    )
     ablation.add_protocol_arguments(run_parser)
     for sub in (run_parser, commands.add_parser("table", help="print the results table")):
         sub.add_argument("--root", type=Path, default=Path("runs/qat"))

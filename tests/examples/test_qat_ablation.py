@@ -40,6 +40,19 @@ def test_tiny_sweep_trains_teacher_and_student_then_tables(tmp_path, capsys):
     assert qat_ablation.main(argv) == 0
     assert (student_dir / "result.json").stat().st_mtime_ns == stamp
 
+    # --teacher: every distilled run of another sweep learns from that checkpoint, and no
+    # teacher of its own is trained.
+    given = root / "test_vit" / "teacher" / "seed0" / "checkpoint.pt"
+    other = tmp_path / "other"
+    argv_other = [other if a == str(root) else a for a in argv]
+    split = argv_other.index("--")
+    argv_other[split:split] = ["--teacher", str(given)]
+    assert qat_ablation.main([str(a) for a in argv_other]) == 0
+    assert not (other / "test_vit" / "teacher").exists()
+    distilled = json.loads((other / "test_vit" / "lsq+obr+kd-w2a2" / "seed0" / "result.json")
+                           .read_text())  # fmt: skip
+    assert distilled["config"]["teacher"] == str(given)
+
     capsys.readouterr()
     assert qat_ablation.main(["table", "--root", str(root)]) == 0
     rows = [line.split("|") for line in capsys.readouterr().out.splitlines()]
@@ -56,3 +69,6 @@ def test_run_rejects_unknown_settings_and_bits(capsys):
     with pytest.raises(SystemExit):
         qat_ablation.main(["run", "--bits", "4,1"])
     assert "--bits" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        qat_ablation.main(["run", "--teacher", "no/such/checkpoint.pt"])
+    assert "--teacher" in capsys.readouterr().err
