@@ -11,8 +11,9 @@ Every setting starts from a copy of the same freshly initialised model and train
 synthetic batch. The first step (which compiles) is timed on its own; after the warm-up steps,
 `--iters` steps are timed one by one (CUDA events on CUDA, `time.perf_counter` on the CPU) and
 summarised by their median and quartiles. Speed-ups are ratios of medians. Peak memory is
-`torch.cuda.max_memory_allocated` since the setting began; compile time is the first step's
-wall time less the median step.
+`torch.cuda.max_memory_allocated` since the setting began (CUDA only); on every device, one
+more step after timing counts the bytes its forward saves for backward (`step.saved_bytes`);
+compile time is the first step's wall time less the median step.
 
 Kernels mode (`--kernels`) times the GEMMs of the model's linear layers alone. The shapes come
 from one forward pass on the meta device with hooks on every `nn.Linear` (tokens M, in K, out N),

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -53,6 +53,7 @@ class SettingResult:
     images_per_s: float | None = None
     speedup: dict[str, float] = dataclasses.field(default_factory=dict)
     peak_memory_bytes: int | None = None
+    saved_bytes: int | None = None  # what the forward keeps for backward (`saved_bytes`)
     first_step_ms: float | None = None
     compile_s: float | None = None  # compiled settings: first step less the median step
     final_loss: float | None = None
@@ -117,6 +118,25 @@ def make_step(
     return step
 
 
+def saved_bytes(step: Callable[[], Any], exclude: Iterable[torch.Tensor] = ()) -> int:
+    """Bytes of the tensors that one call of `step` saves for its backward, counted by a
+    saved-tensors hook: each storage once (views share theirs), none of `exclude`'s (the
+    model's parameters, in memory anyway). The lever on training memory that INT8 pulls, and
+    one any device can count: an int8 copy saved in place of a float32 one is a quarter."""
+    excluded = {t.untyped_storage().data_ptr() for t in exclude}
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in excluded:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        step()
+    return sum(storages.values())
+
+
 def run_setting(
     setting: Setting,
     model0: torch.nn.Module,
@@ -156,12 +176,14 @@ def run_setting(
     samples = clock.time(timed_step, config.iters)
     ms = Summary.of(samples)
     say(f"{setting.name}: {ms.median:.2f} ms/step")
+    saved = saved_bytes(timed_step, exclude=model.parameters())  # after timing: no hook there
     return SettingResult(
         setting=setting.name,
         samples_ms=tuple(samples),
         ms=ms,
         images_per_s=config.batch_size * 1e3 / ms.median,
         peak_memory_bytes=torch.cuda.max_memory_allocated(device) if clock.cuda else None,
+        saved_bytes=saved,
         first_step_ms=first_ms,
         compile_s=(first_ms - ms.median) / 1e3 if setting.compiler else None,
         final_loss=last_loss[0].item(),
@@ -193,6 +215,8 @@ def run_steps(config: BenchConfig, device: torch.device, command: str) -> StepRe
         "speedup": "baseline's median ms per step / this setting's",
         "compile_s": "compiled settings: wall time of the first step (which compiles) less the "
         "median step",
+        "saved_bytes": "what one step's forward keeps for backward: each storage once, the "
+        "parameters excepted (a saved-tensors hook on a step after timing)",
     }
     if not clock.cuda:
         notes["peak_memory"] = (
@@ -219,7 +243,8 @@ def step_table(report: StepReport) -> str:
     """The step results as one text table ("n/a" where not measured)."""
     baselines = [b for b in BASELINES if b in report.results and report.results[b].ms]
     headers = ["setting", "ms/step", "q1-q3 ms", "images/s"]
-    headers += [f"vs {b}" for b in baselines] + ["peak MiB", "compile s", "rewritten"]
+    headers += [f"vs {b}" for b in baselines]
+    headers += ["peak MiB", "saved MiB", "compile s", "rewritten"]
     rows = []
     for name, r in report.results.items():
         if r.ms is None:
@@ -233,6 +258,7 @@ def step_table(report: StepReport) -> str:
                 r.images_per_s,
                 *(format_ratio(r.speedup.get(b)) for b in baselines),
                 None if r.peak_memory_bytes is None else r.peak_memory_bytes / 2**20,
+                None if r.saved_bytes is None else r.saved_bytes / 2**20,
                 r.compile_s,
                 r.rewritten_ops,
             ]

@@ -9,12 +9,13 @@ import json
 import math
 
 import pytest
+import torch
 from PIL import Image
 
 from gradq_fx.bench.chart import chart_size
 from gradq_fx.bench.config import SETTINGS
 from gradq_fx.bench.results import SCHEMA, environment, write_json
-from gradq_fx.bench.step import BASELINES, SettingResult, StepReport, speedups
+from gradq_fx.bench.step import BASELINES, SettingResult, StepReport, saved_bytes, speedups
 from gradq_fx.cli import main
 from tests.bench.conftest import CPU, TINY_MODEL, summary
 
@@ -65,6 +66,31 @@ def test_step_report_round_trips_through_json(tmp_path):
         StepReport.from_dict({**data, "mode": "kernels"})
 
 
+def test_saved_bytes_counts_what_backward_keeps_once_and_without_parameters():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(13, 17)
+    x = torch.randn(7, 13, requires_grad=True)
+
+    def step():
+        layer(x).sum().backward()  # F.linear saves x and the weight; sum saves nothing
+
+    assert saved_bytes(step) == x.nbytes + layer.weight.nbytes
+    assert saved_bytes(step, exclude=layer.parameters()) == x.nbytes
+
+    def autocast_step():  # the bf16 copies of x and the weight are saved, not the fp32 ones
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(x)
+        out.float().sum().backward()
+
+    expected = (x.numel() + layer.weight.numel()) * 2
+    assert saved_bytes(autocast_step, exclude=layer.parameters()) == expected
+
+    def shared_step():  # x saved by two ops, one of them through a view: counted once
+        (layer(x).sum() + layer(x[1:]).sum()).backward()
+
+    assert saved_bytes(shared_step, exclude=layer.parameters()) == x.nbytes
+
+
 @pytest.mark.slow
 def test_step_smoke_on_cpu(tmp_path, capsys):
     """All four settings of a one-block test_vit (two Inductor compiles: about 1.5 min)."""
@@ -81,6 +107,7 @@ def test_step_smoke_on_cpu(tmp_path, capsys):
         assert math.isfinite(result.final_loss)
         assert set(result.speedup) == set(BASELINES)
         assert result.peak_memory_bytes is None
+        assert result.saved_bytes > 0
         assert (result.compile_s is not None) == (SETTINGS[name].compiler is not None)
     assert report.results["gradq"].rewritten_ops >= 5  # qkv, proj, fc1, fc2, head at least
     assert "peak_memory" in report.notes
