@@ -33,6 +33,7 @@ from gradq_fx import quantizer
 from gradq_fx.config import Clipping, Granularity, QuantSpec, Role, Rounding, decode_operand
 from gradq_fx.kernels import conv as conv_kernel
 from gradq_fx.kernels import gemm
+from gradq_fx.kernels import iqr as iqr_kernel
 from gradq_fx.kernels import quantize as quantize_kernel
 from gradq_fx.kernels.int_mm import conv2d_output_size, input_grad_operands, int8_patches
 
@@ -122,12 +123,15 @@ def lsq_bits(low: int, high: int) -> int:
 def _quantize_rows(rows: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """`quantizer.quantize(rows, spec, dim=-1)` for 2-D rows, through the quantize kernel.
 
-    The clipping value comes from `quantizer.clip_value` (the one home of minmax and iqr),
-    except per-row minmax, whose absmax the kernel takes in the same launch.
+    The clipping value: per-row minmax's absmax the quantize kernel takes in the same launch;
+    per-row iqr's comes from its own kernel (`kernels/iqr.py`, one program per row, no
+    [rows, 640] histogram in memory); per-tensor clips from `quantizer.clip_value`.
     """
     per_row = spec.granularity is Granularity.PER_ROW
     clip = None
-    if not (per_row and spec.clipping is Clipping.MINMAX):
+    if per_row and spec.clipping is Clipping.IQR:
+        clip = iqr_kernel.iqr_clip_rows(rows, spec.bits)
+    elif not (per_row and spec.clipping is Clipping.MINMAX):
         flat = rows.float() if per_row else rows.float().reshape(1, -1)
         clip = quantizer.clip_value(flat, spec)
         clip = clip if per_row else clip.reshape(())
@@ -144,7 +148,8 @@ def mm_triton(a, b, bias, a_spec: str, b_spec: str) -> torch.Tensor:
     Each operand is quantized in one pass along the contracted dimension (rows of a, rows of
     b^T), and one GEMM applies both scales and the bias in its epilogue. Nearest rounding
     gives mm_reference's numbers (unscaled: bit for bit; least-squares scales: to float
-    rounding of their sums); stochastic rounding draws other random bits.
+    rounding of their sums; iqr clips: to float rounding, see `kernels/iqr.py`); stochastic
+    rounding draws other random bits.
     """
     a_spec_, b_spec_ = QuantSpec.decode(a_spec), QuantSpec.decode(b_spec)
     m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]

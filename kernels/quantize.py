@@ -8,12 +8,12 @@ does for that slice (the quantizer stays the one home of the math; this file rep
     q     = clamp(round(x / scale), -qmax, qmax)   as int8, [R, C] (or q^T [C, R])
     scale = <x, q> / <q, q>        only with `scaling`; 1 where <q, q> = 0
 
-clip: [R] float32, one clipping value per row (from `quantizer.clip_value`, so the minmax / iqr
-choice lives in one place); a 0-d float32 tensor, one clip for the whole tensor (per_tensor;
-`scaling` is then per tensor too); or None, and the kernel takes each row's absmax itself
-(minmax) in the same launch. transpose: q comes out as q^T [C, R], the layout the wgrad GEMM
-reads, with the same codes (stochastic ones included). Output scale: float32 [R] always
-(per-tensor scales repeated).
+clip: [R] float32, one clipping value per row (from `quantizer.clip_value`, or for iqr from
+its fused kernel in kernels/iqr.py: the clipping lives apart from the rounding); a 0-d
+float32 tensor, one clip for the whole tensor (per_tensor; `scaling` is then per tensor too);
+or None, and the kernel takes each row's absmax itself (minmax) in the same launch.
+transpose: q comes out as q^T [C, R], the layout the wgrad GEMM reads, with the same codes
+(stochastic ones included). Output scale: float32 [R] always (per-tensor scales repeated).
 
 Numerical choices, and why the Triton kernel matches the reference:
 - Divisions are IEEE float32 divisions rounded to nearest (`tl.math.div_rn`): on a GPU,

@@ -11,7 +11,7 @@ forward graph alone for inference). Each opaque GEMM node becomes what the confi
              abs = aten.abs(tangent_view); amax = aten.amax(abs, [1], True); ...
              ... the exact int8 GEMM (kernels/int_mm.py) ...; mm = aten.mul(acc, scales)
     after, triton:
-             clip = ... (iqr clipping only: `quantizer.clip_value`, pointwise and reductions)
+             clip = gradq.iqr_clip_rows(tangent_view, 8)   (iqr clipping only)
              q_a, s_a = gradq.quantize_rows(tangent_view, clip, 8, False, None, True, False)
              q_b, s_b = gradq.quantize_rows(permute(primals_2), None, 8, ...)
              mm = gradq.int8_scaled_mm(q_a, permute(q_b), s_a, s_b, None, float32)

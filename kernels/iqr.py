@@ -1,0 +1,217 @@
+"""The `iqr` clipping value of each row in one kernel: quartiles, fences and their scoring.
+
+`iqr_clip_rows(x, bits)` returns, for a 2-D float x [R, C], what
+`gradq_fx.quantizer.clip_value(x, QuantSpec(bits=bits, clipping=Clipping.IQR))` returns (the
+quantizer stays the one home of the math; this file reproduces it):
+
+    amax    = max |x|                                     per row
+    bin     = floor(-16 log2(|x| / amax)), in [0, 639]    (zeros in the last bin)
+    Q1, Q3  = amax 2^-(b + 1/2)/16 for b the bin of the ceil(C/4)-th and ceil(3C/4)-th
+              smallest |x| (0 for the last bin)
+    fences  = amax, then min(Q3 + 2^i (Q3 - Q1), amax) for i = 6, ..., 0 (amax if not > 0)
+    clip    = the first fence whose nearest-rounded quantization of the row has the best
+              cosine with it, within 1e-6
+
+Under Inductor the reference materialises a [R, 640] histogram (a scatter, a cumulative sum
+and two searches over it) and scores the 8 fences as a [R, 8, C] reduction. Here each program
+owns one row and sweeps it three times (absmax; histogram, with `tl.histogram` in registers;
+the 8 fences side by side), so the row is read from memory three times and nothing of size
+R x 640 or R x 8 x C is written.
+
+Numerical choices, and how the kernel's clip compares with the reference's:
+- Order statistics instead of a cumulative search: the bin of the k-th smallest |x| is the
+  first bin, counting from the smallest magnitudes, whose running count reaches k. The
+  reference asks for a count >= p C in float32, which for integer counts is count >= ceil(p C).
+- |x| / amax is divided correctly rounded (`div_rn`) as torch divides; log2 and exp2 are the
+  device's (approximate on a GPU): a value within an ulp of a bin edge, or a quartile within
+  an ulp, can differ from torch's, which moves a fence by a relative 1e-7.
+- The cosines are float32 sums in another order than torch's, so two fences whose cosines are
+  within float noise of the 1e-6 tie band can be picked differently. Either is a fence the
+  reference scores as (near-)best: tests bound the float64 cosine of the kernel's pick.
+- 2^i is built from an integer shift, exact on every device; codes are rounded half to even
+  with the 1.5 * 2^23 addition after a clamp to [-qmax, qmax], as in kernels/quantize.py.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gradq_fx import quantizer
+from gradq_fx.config import Clipping, QuantSpec
+from gradq_fx.kernels import use_triton
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no Triton: the launcher runs the torch reference on every device
+    triton = None
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The histogram has quantizer's 640 bins, padded to a power of two: padding columns of the
+# last tile land in the top bin, which no magnitude reaches.
+_HISTOGRAM_BINS = 1024
+if (
+    quantizer._NUM_BINS >= _HISTOGRAM_BINS
+    or (quantizer.IQR_FENCE_COUNT + 1) & quantizer.IQR_FENCE_COUNT
+):
+    raise ImportError(
+        "kernels/iqr.py: the histogram needs more bins than the quantizer's, and "
+        "the fences plus amax must be a power of two (a tl.arange)"
+    )
+
+
+def check_iqr_args(x, bits) -> None:
+    """Raise ValueError, naming the argument, for inputs `iqr_clip_rows` does not take."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.dtype not in FLOAT_DTYPES:
+        got = f"{x.dtype} of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x)
+        raise ValueError(
+            f"iqr_clip_rows: x must be a 2-D float32/bfloat16/float16 tensor, got {got}"
+        )
+    if x.shape[1] == 0:
+        raise ValueError("iqr_clip_rows: x must have at least one column (no quartiles)")
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"iqr_clip_rows: bits must be an integer from 2 to 8, got {bits!r}")
+
+
+def iqr_clip_rows_reference(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """`iqr_clip_rows` in torch: `quantizer.clip_value` with `iqr` clipping."""
+    check_iqr_args(x, bits)
+    return quantizer.clip_value(x.float(), QuantSpec(bits=bits, clipping=Clipping.IQR))
+
+
+@torch.library.custom_op("gradq::iqr_clip_rows", mutates_args=())
+def iqr_clip_rows(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """The `iqr` clipping value of each row of x [R, C] (module docstring): float32 [R].
+
+    Triton on CUDA tensors and under TRITON_INTERPRET=1 (`gradq_fx.kernels.use_triton`), else
+    `iqr_clip_rows_reference`.
+    """
+    if triton is None or not use_triton(x):
+        return iqr_clip_rows_reference(x, bits)
+    check_iqr_args(x, bits)
+    rows, cols = x.shape
+    clip = torch.empty(rows, dtype=torch.float32, device=x.device)
+    if rows:
+        _iqr_clip_kernel[(rows,)](
+            x,
+            clip,
+            cols,
+            x.stride(0),
+            x.stride(1),
+            K1=(cols + 3) // 4,  # ceil(C / 4): the rank of Q1 from the smallest
+            K3=(3 * cols + 3) // 4,  # ceil(3 C / 4)
+            QMAX=2 ** (bits - 1) - 1,
+            BINS_PER_OCTAVE=quantizer._BINS_PER_OCTAVE,
+            NUM_BINS=quantizer._NUM_BINS,
+            CANDIDATES=quantizer.IQR_FENCE_COUNT + 1,
+            COSINE_TIE=quantizer._COSINE_TIE,
+        )
+    return clip
+
+
+@iqr_clip_rows.register_fake
+def _(x, bits=8):
+    check_iqr_args(x, bits)
+    return x.new_empty((x.shape[0],), dtype=torch.float32)
+
+
+if triton is not None:
+    # One row per program. Rows of dgrad operands are short (channels), of wgrad operands long
+    # (tokens): a tile of 1024 columns keeps both to a few sweeps of wide loads.
+    _CUDA_CONFIGS = [
+        triton.Config({"BLOCK_C": 1024}, num_warps=4),
+        triton.Config({"BLOCK_C": 2048}, num_warps=8),
+        triton.Config({"BLOCK_C": 512}, num_warps=4),
+    ]
+    # The interpreter cannot autotune over several configs; a small tile keeps multi-tile rows
+    # and ragged last tiles reachable at test sizes.
+    _INTERPRETER_CONFIGS = [triton.Config({"BLOCK_C": 32})]
+
+    @triton.autotune(
+        configs=_INTERPRETER_CONFIGS if triton.knobs.runtime.interpret else _CUDA_CONFIGS,
+        key=["C", "stride_xc"],
+    )
+    @triton.jit
+    def _iqr_clip_kernel(
+        # pointers
+        x_ptr,
+        clip_ptr,
+        # sizes
+        C,
+        # strides
+        stride_xr,
+        stride_xc,
+        # meta-parameters
+        K1,
+        K3,
+        QMAX: tl.constexpr,
+        BINS_PER_OCTAVE: tl.constexpr,
+        NUM_BINS: tl.constexpr,
+        CANDIDATES: tl.constexpr,
+        COSINE_TIE: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        x_row = x_ptr + row * stride_xr
+        cols = tl.arange(0, BLOCK_C)
+
+        # Sweep 1: the absmax (exact in any order).
+        amax = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for start in range(0, C, BLOCK_C):
+            c = (start + cols).to(tl.int64)
+            x = tl.load(x_row + c * stride_xc, mask=c < C, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(x))
+        amax = tl.max(amax, axis=0)
+        safe_amax = tl.where(amax > 0, amax, 1.0)
+
+        # Sweep 2: the log2 histogram of |x| / amax (quantizer's bins).
+        counts = tl.zeros([_HISTOGRAM_BINS], dtype=tl.int32)
+        for start in range(0, C, BLOCK_C):
+            c = (start + cols).to(tl.int64)
+            inside = c < C
+            x = tl.load(x_row + c * stride_xc, mask=inside, other=0.0).to(tl.float32)
+            octaves_below = -tl.log2(tl.math.div_rn(tl.abs(x), safe_amax)) * BINS_PER_OCTAVE
+            last = NUM_BINS - 1.0
+            bins = tl.minimum(tl.maximum(tl.floor(octaves_below), 0.0), last)  # 0: +inf -> last
+            bins = tl.where(inside, bins.to(tl.int32), _HISTOGRAM_BINS - 1)
+            counts += tl.histogram(bins, _HISTOGRAM_BINS)
+        # Bins count down in magnitude: the values at or below bin b (in magnitude) are the
+        # counts of bins >= b, which is C less the running count of bins < b (the padding
+        # sits in the top bin, above every real one, and C excludes it).
+        b = tl.arange(0, _HISTOGRAM_BINS)
+        at_or_below = C - tl.cumsum(counts, axis=0) + counts
+        b1 = tl.max(tl.where((b < NUM_BINS) & (at_or_below >= K1), b, 0), axis=0)
+        b3 = tl.max(tl.where((b < NUM_BINS) & (at_or_below >= K3), b, 0), axis=0)
+        # The last bin (zeros, and values under amax * 2^-40) counts as 0.
+        middle1 = tl.exp2(-(b1.to(tl.float32) + 0.5) / BINS_PER_OCTAVE)
+        middle3 = tl.exp2(-(b3.to(tl.float32) + 0.5) / BINS_PER_OCTAVE)
+        q1 = tl.where(b1 == NUM_BINS - 1, 0.0, middle1 * amax)
+        q3 = tl.where(b3 == NUM_BINS - 1, 0.0, middle3 * amax)
+
+        # The candidates, largest first: amax, then Q3 + 2^i IQR for i = CANDIDATES - 2, ..., 0.
+        f = tl.arange(0, CANDIDATES)
+        power = (1 << (CANDIDATES - 1 - f)).to(tl.float32)  # exact; unused for f = 0
+        fences = q3 + power * (q3 - q1)
+        fences = tl.where(fences > 0, tl.minimum(fences, amax), amax)
+        candidates = tl.where(f == 0, amax, fences)
+        scale = tl.where(candidates > 0, tl.math.div_rn(candidates, QMAX * 1.0), 1.0)
+
+        # Sweep 3: each candidate's nearest-rounded quantization, scored by its cosine.
+        dot = tl.zeros([CANDIDATES], dtype=tl.float32)
+        restored_sq = tl.zeros([CANDIDATES], dtype=tl.float32)
+        x_sq = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for start in range(0, C, BLOCK_C):
+            c = (start + cols).to(tl.int64)
+            x = tl.load(x_row + c * stride_xc, mask=c < C, other=0.0).to(tl.float32)
+            v = tl.math.div_rn(x[None, :], scale[:, None])
+            v = tl.minimum(tl.maximum(v, -QMAX), QMAX)  # before rounding: |v| < 2^22 below
+            restored = ((v + 12582912.0) - 12582912.0) * scale[:, None]  # half to even
+            dot += tl.sum(x[None, :] * restored, axis=1)  # padding: x = 0, restored = 0
+            restored_sq += tl.sum(restored * restored, axis=1)
+            x_sq += x * x
+        norms = tl.sqrt(tl.sum(x_sq, axis=0)) * tl.sqrt(restored_sq)
+        cosine = dot / tl.maximum(norms, 1e-30)
+        near_best = cosine >= tl.max(cosine, axis=0) - COSINE_TIE
+        first = tl.min(tl.where(near_best, f, CANDIDATES), axis=0)
+        clip = tl.sum(tl.where(f == first, candidates, 0.0), axis=0)
+        tl.store(clip_ptr + row, clip)
