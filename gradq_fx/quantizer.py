@@ -36,11 +36,11 @@ IQR_FENCE_COUNT = 7
 # Quartiles come from a log2 histogram of |x| / absmax: 16 bins per octave over 40 octaves.
 # A bin spans a factor 2^(1/16), so a quartile is off by at most 2.2% (bin's geometric middle);
 # values below absmax * 2^-40 share the last bin, far under any useful clip.
-_BINS_PER_OCTAVE = 16
-_OCTAVES = 40
-_NUM_BINS = _BINS_PER_OCTAVE * _OCTAVES
+IQR_BINS_PER_OCTAVE = 16
+IQR_OCTAVES = 40
+IQR_NUM_BINS = IQR_BINS_PER_OCTAVE * IQR_OCTAVES
 # Cosines closer than this to the best count as tied (float32 noise on a sum of C terms).
-_COSINE_TIE = 1e-6
+IQR_COSINE_TIE = 1e-6
 
 
 def _as_rows(x: torch.Tensor, dim: int, per_row: bool) -> torch.Tensor:
@@ -69,10 +69,10 @@ def estimate_quartiles(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     amax = mag.amax(dim=1, keepdim=True)
     safe_amax = torch.where(amax > 0, amax, torch.ones_like(amax))
     # Bin i holds |x| / amax in (2^-(i+1)/16, 2^-i/16]; zeros fall into the last bin.
-    octaves_below = -torch.log2(mag / safe_amax) * _BINS_PER_OCTAVE
-    bins = torch.nan_to_num(octaves_below, posinf=_NUM_BINS - 1).floor()
-    bins = bins.clamp(0, _NUM_BINS - 1).long()
-    counts = torch.zeros(rows.shape[0], _NUM_BINS, device=rows.device, dtype=torch.float32)
+    octaves_below = -torch.log2(mag / safe_amax) * IQR_BINS_PER_OCTAVE
+    bins = torch.nan_to_num(octaves_below, posinf=IQR_NUM_BINS - 1).floor()
+    bins = bins.clamp(0, IQR_NUM_BINS - 1).long()
+    counts = torch.zeros(rows.shape[0], IQR_NUM_BINS, device=rows.device, dtype=torch.float32)
     counts.scatter_add_(1, bins, torch.ones_like(mag))
     # Ascending magnitude = descending bin index: accumulate from the last bin.
     from_smallest = counts.flip(1).cumsum(1)
@@ -80,8 +80,8 @@ def estimate_quartiles(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     def quantile(p: float) -> torch.Tensor:
         reached = (from_smallest >= p * n).float().argmax(dim=1)  # first bin reaching p
-        bin_index = (_NUM_BINS - 1) - reached
-        middle = torch.exp2(-(bin_index.float() + 0.5) / _BINS_PER_OCTAVE)
+        bin_index = (IQR_NUM_BINS - 1) - reached
+        middle = torch.exp2(-(bin_index.float() + 0.5) / IQR_BINS_PER_OCTAVE)
         # The last bin holds the zeros (and values under amax * 2^-40): call it 0, so a row
         # that is mostly zeros has Q1 = Q3 = 0 rather than a spurious tiny spread.
         return torch.where(reached == 0, 0.0, middle * amax.squeeze(1))
@@ -119,7 +119,7 @@ def clip_value(rows: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     cosine = dot / (rows.norm(dim=1, keepdim=True) * restored.norm(dim=2)).clamp_min(1e-30)
     # Cosine cannot see magnitude: a row with one nonzero value has cosine 1 at any clip,
     # however saturated. Among candidates within float noise of the best, take the largest.
-    near_best = cosine >= cosine.amax(dim=1, keepdim=True) - _COSINE_TIE
+    near_best = cosine >= cosine.amax(dim=1, keepdim=True) - IQR_COSINE_TIE
     first = near_best.float().argmax(dim=1, keepdim=True)
     return candidates.gather(1, first).squeeze(1)
 

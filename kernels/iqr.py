@@ -47,17 +47,10 @@ except ImportError:  # no Triton: the launcher runs the torch reference on every
     triton = None
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# The histogram has quantizer's 640 bins, padded to a power of two: padding columns of the
-# last tile land in the top bin, which no magnitude reaches.
+# The histogram has the quantizer's 640 bins, padded to a power of two (as tl.histogram and
+# tl.arange want): padding columns of the last tile land in the top bin, which no magnitude
+# reaches. The 8 candidates (amax and 7 fences) are a power of two as well.
 _HISTOGRAM_BINS = 1024
-if (
-    quantizer._NUM_BINS >= _HISTOGRAM_BINS
-    or (quantizer.IQR_FENCE_COUNT + 1) & quantizer.IQR_FENCE_COUNT
-):
-    raise ImportError(
-        "kernels/iqr.py: the histogram needs more bins than the quantizer's, and "
-        "the fences plus amax must be a power of two (a tl.arange)"
-    )
 
 
 def check_iqr_args(x, bits) -> None:
@@ -101,10 +94,10 @@ def iqr_clip_rows(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
             K1=(cols + 3) // 4,  # ceil(C / 4): the rank of Q1 from the smallest
             K3=(3 * cols + 3) // 4,  # ceil(3 C / 4)
             QMAX=2 ** (bits - 1) - 1,
-            BINS_PER_OCTAVE=quantizer._BINS_PER_OCTAVE,
-            NUM_BINS=quantizer._NUM_BINS,
+            BINS_PER_OCTAVE=quantizer.IQR_BINS_PER_OCTAVE,
+            NUM_BINS=quantizer.IQR_NUM_BINS,
             CANDIDATES=quantizer.IQR_FENCE_COUNT + 1,
-            COSINE_TIE=quantizer._COSINE_TIE,
+            COSINE_TIE=quantizer.IQR_COSINE_TIE,
         )
     return clip
 
