@@ -39,6 +39,7 @@ import torch
 from gradq_fx import quantizer
 from gradq_fx.config import Clipping, QuantSpec
 from gradq_fx.kernels import use_triton
+from gradq_fx.kernels.quantize import check_rows
 
 try:
     import triton
@@ -46,7 +47,6 @@ try:
 except ImportError:  # no Triton: the launcher runs the torch reference on every device
     triton = None
 
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # The histogram has the quantizer's 640 bins, padded to a power of two (as tl.histogram and
 # tl.arange want): padding columns of the last tile land in the top bin, which no magnitude
 # reaches. The 8 candidates (amax and 7 fences) are a power of two as well.
@@ -55,15 +55,7 @@ _HISTOGRAM_BINS = 1024
 
 def check_iqr_args(x, bits) -> None:
     """Raise ValueError, naming the argument, for inputs `iqr_clip_rows` does not take."""
-    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.dtype not in FLOAT_DTYPES:
-        got = f"{x.dtype} of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x)
-        raise ValueError(
-            f"iqr_clip_rows: x must be a 2-D float32/bfloat16/float16 tensor, got {got}"
-        )
-    if x.shape[1] == 0:
-        raise ValueError("iqr_clip_rows: x must have at least one column (no quartiles)")
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
-        raise ValueError(f"iqr_clip_rows: bits must be an integer from 2 to 8, got {bits!r}")
+    check_rows("iqr_clip_rows", x, bits)
 
 
 def iqr_clip_rows_reference(x: torch.Tensor, bits: int = 8) -> torch.Tensor:

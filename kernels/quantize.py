@@ -63,15 +63,21 @@ def _qmax(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
-def check_quantize_args(x, clip, bits, stochastic, seed, scaling, transpose) -> None:
-    """Raise ValueError, naming the argument, for inputs `quantize_rows` does not take."""
+def check_rows(op: str, x, bits) -> None:
+    """Raise ValueError unless x is rows to quantize (a 2-D float tensor with at least one
+    column) and bits a width from 2 to 8; `op` names the launcher in the message."""
     if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.dtype not in FLOAT_DTYPES:
         got = f"{x.dtype} of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x)
-        raise ValueError(
-            f"quantize_rows: x must be a 2-D float32/bfloat16/float16 tensor, got {got}"
-        )
+        raise ValueError(f"{op}: x must be a 2-D float32/bfloat16/float16 tensor, got {got}")
     if x.shape[1] == 0:
-        raise ValueError("quantize_rows: x must have at least one column (nothing to scale by)")
+        raise ValueError(f"{op}: x must have at least one column (nothing to scale by)")
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"{op}: bits must be an integer from 2 to 8, got {bits!r}")
+
+
+def check_quantize_args(x, clip, bits, stochastic, seed, scaling, transpose) -> None:
+    """Raise ValueError, naming the argument, for inputs `quantize_rows` does not take."""
+    check_rows("quantize_rows", x, bits)
     if clip is not None:
         if not isinstance(clip, torch.Tensor) or clip.dtype != torch.float32:
             raise ValueError(f"quantize_rows: clip must be a float32 tensor or None, got {clip!r}")
@@ -82,8 +88,6 @@ def check_quantize_args(x, clip, bits, stochastic, seed, scaling, transpose) -> 
             )
         if clip.device != x.device:
             raise ValueError(f"quantize_rows: clip is on {clip.device}, x on {x.device}")
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
-        raise ValueError(f"quantize_rows: bits must be an integer from 2 to 8, got {bits!r}")
     for name, flag in (("stochastic", stochastic), ("scaling", scaling), ("transpose", transpose)):
         if not isinstance(flag, bool):
             raise ValueError(f"quantize_rows: {name} must be True or False, got {flag!r}")
