@@ -22,7 +22,9 @@ dY^T[N,M] @ X[M,K], with the operand layouts training has. Each candidate of
 `KERNEL_CANDIDATES` is checked against the reference numerics before it is timed (an INT8
 candidate must equal `gradq_fx.quantizer.quantized_matmul` bit for bit), then reported in TOP/s,
 GB/s, as a percentage of the peak measured with a large square GEMM of its precision, and
-against bf16. The per-row quantize of each activation is timed too (GB/s).
+against bf16. The per-row quantize of each activation is timed too (GB/s), and the IQR clip
+of each gradient's rows (dY's for dgrad, dY^T's for wgrad): eager torch, torch.compile (what
+the reference lowering runs) and gradq's kernel (`kernels/iqr.py`, what the triton lowering runs).
 
 Results go to stdout (tables) and to `--out` (`bench.json` and `bench.png`, or `kernels.json`
 and `kernels.png`). A setting or candidate that fails is recorded with its error, the others

@@ -1,7 +1,8 @@
 """What the kernel benchmark times: the distinct shapes of a model's linear layers, the forward,
 dgrad and wgrad GEMM of each (`GemmProblem`, operands in training's layouts, pre-quantized),
 the GEMM candidates that compute them (`KERNEL_CANDIDATES`) with the check each must pass
-before it is timed, and the per-row quantize candidates (`QUANTIZE_CANDIDATES`).
+before it is timed, the per-row quantize candidates (`QUANTIZE_CANDIDATES`) and the gradient's
+IQR clip candidates (`CLIP_CANDIDATES`).
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from typing import Any
 
 import torch
 
-from gradq_fx.config import QuantSpec
+from gradq_fx.config import Clipping, QuantSpec
 from gradq_fx.kernels.int_mm import CUBLAS_MIN_ROWS, CUBLAS_MULTIPLE, int8_gemm, padded_int_mm
-from gradq_fx.quantizer import quantize, quantized_matmul, sqnr_db
+from gradq_fx.kernels.iqr import iqr_clip_rows
+from gradq_fx.quantizer import clip_value, quantize, quantized_matmul, sqnr_db
 
 # Shapes and GEMM problems.
 
@@ -232,6 +234,24 @@ def gradq_quantize_candidate(x: torch.Tensor) -> Callable[[], Any] | None:
         return None
     return lambda: ops.quantize_rows(x)
 
+
+# The gradient's clip: `iqr` clipping (the default for gradients), 8 bits, one value per row.
+CLIP_SPEC = QuantSpec(clipping=Clipping.IQR)
+
+
+def _clip_compiled(g: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """`clip_value` compiled by Inductor, as the reference lowering runs it."""
+    compiled = torch.compile(clip_value, dynamic=False)
+    return lambda: compiled(g.float(), CLIP_SPEC)
+
+
+# IQR clip candidates: the gradient rows g [R, C] -> a call returning the clips [R]. Each must
+# pick the candidate `clip_value` (eager) picks in nearly every row (`kernels/iqr.py`).
+CLIP_CANDIDATES: dict[str, Callable[[torch.Tensor], Callable[[], torch.Tensor]]] = {
+    "torch": lambda g: lambda: clip_value(g.float(), CLIP_SPEC),
+    "torch.compile": _clip_compiled,
+    "gradq": lambda g: lambda: iqr_clip_rows(g, CLIP_SPEC.bits),
+}
 
 # Quantize candidates: x [M, K] -> a call returning (q int8 [M, K], scales), or None to skip.
 # Each must equal `quantize(x, GEMM_SPEC, dim=-1)` (scales compared flattened).

@@ -1,5 +1,5 @@
 """The kernel benchmark: each precision's peak (a large square GEMM), then for each linear
-shape of the model the quantize candidates and the GEMM candidates of `gradq_fx.bench.candidates`,
+shape of the model the quantize, IQR clip and GEMM candidates of `gradq_fx.bench.candidates`,
 checked and then timed with a cold L2 cache on CUDA; `KernelReport` (kernels.json) and its text
 tables.
 """
@@ -15,6 +15,8 @@ import torch
 from tabulate import tabulate
 
 from gradq_fx.bench.candidates import (
+    CLIP_CANDIDATES,
+    CLIP_SPEC,
     GEMM_SPEC,
     KERNEL_CANDIDATES,
     QUANTIZE_CANDIDATES,
@@ -38,7 +40,7 @@ from gradq_fx.bench.results import (
     timing_info,
 )
 from gradq_fx.bench.timing import Clock, Summary, release
-from gradq_fx.quantizer import quantize
+from gradq_fx.quantizer import clip_value, quantize
 from gradq_fx.train.model import create_model
 
 
@@ -47,7 +49,7 @@ class Timed:
     """One timed kernel call: what it was, whether it ran, and its rates."""
 
     name: str  # the shape's layers, or the precision of a peak measurement
-    role: str  # forward / dgrad / wgrad; "quantize"; "peak"
+    role: str  # forward / dgrad / wgrad; "quantize"; "iqr clip dgrad" / "wgrad"; "peak"
     candidate: str
     m: int
     k: int
@@ -72,7 +74,8 @@ def _timed_rows(rows: Sequence[Mapping[str, Any]]) -> tuple[Timed, ...]:
 @dataclasses.dataclass(frozen=True)
 class KernelReport(Report):
     """kernels.json: Report's fields (the model's with its linear shapes), then the measured
-    peaks and the quantize and GEMM timings, one row per shape and candidate."""
+    peaks, the per-row steps (activation quantize, gradient IQR clips: `quantize`) and the GEMM
+    timings, one row per shape, role and candidate."""
 
     MODE: ClassVar[str] = "kernels"
     DECODERS: ClassVar[dict[str, Callable]] = dict.fromkeys(
@@ -148,6 +151,34 @@ def time_quantize(x: torch.Tensor, layers: str, timer: KernelTimer) -> list[Time
     return rows
 
 
+# A clip "agrees" with clip_value's when within this relative distance: the same fence up to
+# the device's log2 / exp2 (distinct fences are percents apart; kernels/iqr.py).
+CLIP_AGREEMENT = 1e-4
+
+
+def time_iqr_clip(g: torch.Tensor, layers: str, role: str, timer: KernelTimer) -> list[Timed]:
+    """Each IQR clip candidate on gradient rows g [R, C] (dY's rows for dgrad, dY^T's for
+    wgrad), checked against eager `clip_value` first: at least 95% of rows must pick its fence
+    (the others may break near ties of the cosine the other way)."""
+    want = clip_value(g.float(), CLIP_SPEC)
+    moved = g.numel() * g.element_size() + want.numel() * 4  # read g once; write the clips
+    rows = []
+    for name, prepare in CLIP_CANDIDATES.items():
+        base = dict(name=layers, role=f"iqr clip {role}", candidate=name, m=g.shape[0])
+        base.update(k=g.shape[1], n=0)
+        try:
+            call = prepare(g)
+            agree = ((call() - want).abs() <= CLIP_AGREEMENT * want).float().mean().item()
+            if agree < 0.95:
+                raise AssertionError(f"{agree:.0%} of rows agree with clip_value's fence")
+            ms = timer(call)
+        except Exception as error:
+            rows.append(Timed(**base, status="failed", error=log_failure(error)))
+            continue
+        rows.append(Timed(**base, status="ok", ms=ms, gbps=moved / (ms.median * 1e-3) / 1e9))
+    return rows
+
+
 def _operand_bytes(problem: GemmProblem, precision: str) -> int:
     tensors = (problem.a, problem.b)
     if precision == "int8":
@@ -220,6 +251,8 @@ def run_kernels(config: BenchConfig, device: torch.device, command: str) -> Kern
         m, k, n = problems[0].mkn
         say(f"{shape.layers}: M={m} K={k} N={n}...")
         quantize_rows += time_quantize(problems[0].a, shape.layers, timer)
+        for problem in problems[1:]:  # dgrad's a is dY [M, N], wgrad's dY^T [N, M]
+            quantize_rows += time_iqr_clip(problem.a, shape.layers, problem.role, timer)
         for problem in problems:
             gemm_rows += time_gemm(problem, config.candidates, timer, peaks)
         del problems
@@ -267,7 +300,9 @@ def kernel_tables(report: KernelReport) -> str:
         return _g(t.ms.median) if t.ms else t.status
 
     peaks = [[t.name, _mkn(t), median(t), _g(t.tops)] for t in report.peaks]
-    quantize_rows = [[t.name, _mkn(t), t.candidate, median(t), _g(t.gbps)] for t in report.quantize]
+    quantize_rows = [
+        [t.name, t.role, _mkn(t), t.candidate, median(t), _g(t.gbps)] for t in report.quantize
+    ]
     gemms = [
         [t.name, t.role, _mkn(t), t.candidate, median(t), _g(t.tops), _g(t.gbps)]
         + [_g(t.percent_of_peak, 3), format_ratio(t.vs_bf16)]
@@ -279,7 +314,7 @@ def kernel_tables(report: KernelReport) -> str:
             tabulate(peaks, headers=["peak", "MxKxN", "ms", "TOP/s"]),
             tabulate(
                 quantize_rows,
-                headers=["quantize (per row)", "MxK", "candidate", "ms", "GB/s"],
+                headers=["layers", "per-row step", "rows x cols", "candidate", "ms", "GB/s"],
             ),
             tabulate(gemms, headers=[*gemm_headers, "vs bf16"], missingval="n/a"),
         ]

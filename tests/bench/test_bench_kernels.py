@@ -5,12 +5,13 @@ Timings are never asserted on: only that they exist, are positive and finite.
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 
 from PIL import Image
 
-from gradq_fx.bench.candidates import KERNEL_CANDIDATES
+from gradq_fx.bench.candidates import CLIP_CANDIDATES, KERNEL_CANDIDATES
 from gradq_fx.bench.chart import chart_size
 from gradq_fx.bench.kernels import KernelReport, Timed
 from gradq_fx.bench.results import environment, write_json
@@ -37,7 +38,7 @@ def test_kernel_report_round_trips_through_json(tmp_path):
     assert not report.failed
 
 
-def test_kernels_smoke_on_cpu(tmp_path):
+def test_kernels_smoke_on_cpu(tmp_path, capsys):
     """Every candidate is checked, then timed, on the tiny model's shapes; JSON and PNG."""
     args = ["bench", "--kernels", *TINY_MODEL, "--batch-size", "2", "--peak-size", "64"]
     assert main([*args, "--out", str(tmp_path)]) == 0
@@ -54,6 +55,13 @@ def test_kernels_smoke_on_cpu(tmp_path):
             assert t.status == "ok", t.error
             assert t.tops > 0 and math.isfinite(t.tops) and t.gbps > 0 and t.percent_of_peak > 0
     assert all(t.status in ("ok", "skipped") for t in report.gemms + report.quantize)
+    # The gradient's IQR clip, of dY's rows (dgrad) and dY^T's (wgrad), by every candidate.
+    clips = collections.Counter(
+        (t.role, t.candidate) for t in report.quantize if t.role.startswith("iqr clip")
+    )
+    roles = ("iqr clip dgrad", "iqr clip wgrad")
+    assert clips == {(role, name): 4 for role in roles for name in CLIP_CANDIDATES}
+    assert "iqr clip wgrad" in capsys.readouterr().out
     assert all(t.vs_bf16 is not None for t in report.gemms if t.status == "ok")
     with Image.open(tmp_path / "kernels.png") as image:
         ok = sum(t.status == "ok" for t in report.gemms)
