@@ -90,6 +90,7 @@ def iqr_clip_rows(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
             NUM_BINS=quantizer.IQR_NUM_BINS,
             CANDIDATES=quantizer.IQR_FENCE_COUNT + 1,
             COSINE_TIE=quantizer.IQR_COSINE_TIE,
+            HISTOGRAM_BINS=_HISTOGRAM_BINS,
         )
     return clip
 
@@ -134,6 +135,7 @@ if triton is not None:
         NUM_BINS: tl.constexpr,
         CANDIDATES: tl.constexpr,
         COSINE_TIE: tl.constexpr,
+        HISTOGRAM_BINS: tl.constexpr,
         BLOCK_C: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
@@ -150,7 +152,7 @@ if triton is not None:
         safe_amax = tl.where(amax > 0, amax, 1.0)
 
         # Sweep 2: the log2 histogram of |x| / amax (quantizer's bins).
-        counts = tl.zeros([_HISTOGRAM_BINS], dtype=tl.int32)
+        counts = tl.zeros([HISTOGRAM_BINS], dtype=tl.int32)
         for start in range(0, C, BLOCK_C):
             c = (start + cols).to(tl.int64)
             inside = c < C
@@ -158,12 +160,12 @@ if triton is not None:
             octaves_below = -tl.log2(tl.math.div_rn(tl.abs(x), safe_amax)) * BINS_PER_OCTAVE
             last = NUM_BINS - 1.0
             bins = tl.minimum(tl.maximum(tl.floor(octaves_below), 0.0), last)  # 0: +inf -> last
-            bins = tl.where(inside, bins.to(tl.int32), _HISTOGRAM_BINS - 1)
-            counts += tl.histogram(bins, _HISTOGRAM_BINS)
+            bins = tl.where(inside, bins.to(tl.int32), HISTOGRAM_BINS - 1)
+            counts += tl.histogram(bins, HISTOGRAM_BINS)
         # Bins count down in magnitude: the values at or below bin b (in magnitude) are the
         # counts of bins >= b, which is C less the running count of bins < b (the padding
         # sits in the top bin, above every real one, and C excludes it).
-        b = tl.arange(0, _HISTOGRAM_BINS)
+        b = tl.arange(0, HISTOGRAM_BINS)
         at_or_below = C - tl.cumsum(counts, axis=0) + counts
         b1 = tl.max(tl.where((b < NUM_BINS) & (at_or_below >= K1), b, 0), axis=0)
         b3 = tl.max(tl.where((b < NUM_BINS) & (at_or_below >= K3), b, 0), axis=0)
