@@ -2,12 +2,15 @@
 
 No GPU needed: Triton's front end, its MLIR passes and the ptxas it ships run on the CPU.
 What this catches before a (rarely lent) GPU does: code the interpreter runs but the compiler
-refuses (a non-constexpr global, a type the interpreter lets through), and configs whose
-shared memory exceeds what an SM has. The launchers run for real on CPU tensors, with the
-kernel swapped for a recorder, so the compiled signatures are those a launch would use.
+refuses (a non-constexpr global, a type the interpreter lets through), configs whose shared
+memory exceeds what an SM has, and GEMM kernels that would not run on INT8 tensor cores. The
+launchers run for real on CPU tensors, with the kernel swapped for a recorder, so the
+compiled signatures are those a launch would use.
 """
 
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
@@ -51,8 +54,9 @@ def _launches(monkeypatch, module, kernel_name: str, launch) -> tuple[object, li
     return recorder.kernel, recorder.calls
 
 
-def _compile_every_config(kernel, args, kwargs) -> list[str]:
-    """Compile `kernel` with a launch's arguments in each CUDA config; return the failures."""
+def _compile_every_config(kernel, args, kwargs, ptx_pattern: str | None) -> list[str]:
+    """Compile `kernel` with a launch's arguments in each CUDA config; return the failures
+    (a compile error, too much shared memory, or PTX without `ptx_pattern`)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -95,6 +99,8 @@ def _compile_every_config(kernel, args, kwargs) -> list[str]:
             continue
         if compiled.metadata.shared > SM90_SHARED_MEMORY:
             failures.append(f"{config}: {compiled.metadata.shared} bytes of shared memory")
+        if ptx_pattern and not re.search(ptx_pattern, compiled.asm["ptx"]):
+            failures.append(f"{config}: no {ptx_pattern!r} in the PTX")
     return failures
 
 
@@ -122,20 +128,23 @@ def _conv_launch():
     conv.int8_scaled_conv2d(x, w, torch.ones(2), torch.ones(24), (2, 2), (1, 1), torch.ones(24))
 
 
+# The GEMM-like kernels must multiply on INT8 tensor cores: Hopper's wgmma or mma.sync, int8
+# operands into int32 (`wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8`, ...).
+INT8_MMA = r"mma\S*\.s32\.s8\.s8"
 LAUNCHES = {
-    "quantize_rows": (quantize, "_quantize_rows_kernel", _quantize_launch),
-    "iqr_clip_rows": (iqr, "_iqr_clip_kernel", _iqr_launch),
-    "int8_scaled_mm": (gemm, "_int8_scaled_mm_kernel", _gemm_launch),
-    "int8_scaled_bmm": (gemm, "_int8_scaled_mm_kernel", _bmm_launch),
-    "int8_scaled_conv2d": (conv, "_int8_conv2d_kernel", _conv_launch),
+    "quantize_rows": (quantize, "_quantize_rows_kernel", _quantize_launch, None),
+    "iqr_clip_rows": (iqr, "_iqr_clip_kernel", _iqr_launch, None),
+    "int8_scaled_mm": (gemm, "_int8_scaled_mm_kernel", _gemm_launch, INT8_MMA),
+    "int8_scaled_bmm": (gemm, "_int8_scaled_mm_kernel", _bmm_launch, INT8_MMA),
+    "int8_scaled_conv2d": (conv, "_int8_conv2d_kernel", _conv_launch, INT8_MMA),
 }
 
 
 @pytest.mark.parametrize("name", LAUNCHES)
 def test_every_cuda_config_compiles_for_sm90(name, monkeypatch):
-    module, kernel_name, launch = LAUNCHES[name]
+    module, kernel_name, launch, ptx_pattern = LAUNCHES[name]
     kernel, calls = _launches(monkeypatch, module, kernel_name, launch)
     assert len(calls) == 1, f"{name} launched its kernel {len(calls)} times"
     assert len(kernel.configs) > 1  # the CUDA configs, not the interpreter's one
-    failures = _compile_every_config(kernel, *calls[0])
+    failures = _compile_every_config(kernel, *calls[0], ptx_pattern)
     assert not failures, "\n".join(failures)
