@@ -196,13 +196,16 @@ if triton is not None:
     # input channels at one window position: channel counts below it waste part of a step.
     from gradq_fx.kernels.gemm import INTERPRETER_CONFIGS, tile_config
 
+    # Tiles that ptxas (sm_90a, Triton 3.8) fits in registers without spilling
+    # (tests/kernels/test_cuda_compile.py); the window's index arithmetic costs registers that
+    # a plain GEMM's loop does not, so the tiles are smaller than gemm.py's. Not timed yet.
     _CUDA_CONFIGS = [
-        tile_config(128, 128, 64, stages=4, warps=8),
-        tile_config(128, 64, 64, stages=4, warps=4),
-        tile_config(64, 128, 64, stages=4, warps=4),
-        tile_config(64, 64, 64, stages=4, warps=4),
-        tile_config(128, 64, 32, stages=4, warps=4),
-        tile_config(64, 32, 32, stages=5, warps=2),
+        tile_config(64, 128, 64, stages=4, warps=8),
+        tile_config(64, 128, 32, stages=4, warps=8),
+        tile_config(128, 64, 32, stages=4, warps=8),
+        tile_config(64, 64, 32, stages=4, warps=4),
+        tile_config(32, 128, 64, stages=4, warps=4),
+        tile_config(32, 64, 32, stages=4, warps=4),
     ]
 
     @triton.autotune(
@@ -268,8 +271,9 @@ if triton is not None:
         pid_m = first_m + (pid % (GROUP_M * tiles_n)) % group_rows
         pid_n = (pid % (GROUP_M * tiles_n)) // group_rows
 
-        offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        # 32-bit indices (pixel and channel counts fit), 64-bit only where they meet strides.
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_m = offs_m < P
         mask_n = offs_n < OC
         # Output pixel (n, oh, ow) of each row; the top-left input pixel of its window.
@@ -287,8 +291,13 @@ if triton is not None:
                 iw = left + kw
                 # Rows whose window position falls in the padding read zeros.
                 inside = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                x_rows = x_ptr + image * stride_xn + ih * stride_xh + iw * stride_xw
-                w_cols = w_ptr + offs_n * stride_wo + kh * stride_wh + kw * stride_ww
+                x_rows = (
+                    x_ptr
+                    + image.to(tl.int64) * stride_xn
+                    + ih.to(tl.int64) * stride_xh
+                    + iw.to(tl.int64) * stride_xw
+                )
+                w_cols = w_ptr + offs_n.to(tl.int64) * stride_wo + kh * stride_wh + kw * stride_ww
                 for c0 in range(0, C, BLOCK_K):
                     offs_c = c0 + offs_k
                     mask_c = offs_c < C
@@ -311,8 +320,13 @@ if triton is not None:
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n).to(tl.float32)
             out = out + bias[None, :]
-        out_rows = out_ptr + image * stride_on + oh * stride_oh + ow * stride_ow
-        out_ptrs = out_rows[:, None] + offs_n[None, :] * stride_oo
+        out_rows = (
+            out_ptr
+            + image.to(tl.int64) * stride_on
+            + oh.to(tl.int64) * stride_oh
+            + ow.to(tl.int64) * stride_ow
+        )
+        out_ptrs = out_rows[:, None] + offs_n[None, :].to(tl.int64) * stride_oo
         mask = mask_m[:, None] & mask_n[None, :]
         if OUT_BF16:
             # Round to nearest even on the bits (kernels/gemm.py explains why).

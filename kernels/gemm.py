@@ -219,16 +219,20 @@ if triton is not None:
         meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m}
         return triton.Config(meta, num_stages=stages, num_warps=warps)
 
+    # Tiles that ptxas (sm_90a, Triton 3.8) fits in registers without spilling, which the
+    # CPU test tests/kernels/test_cuda_compile.py checks: the earlier BLOCK_K = 128 tiles
+    # spilled 0.7 to 4.3 KB per thread. Not timed yet (no GPU lent so far).
     _CUDA_CONFIGS = [
-        tile_config(128, 256, 128, stages=3, warps=8),
-        tile_config(256, 128, 128, stages=3, warps=8),
-        tile_config(128, 128, 128, stages=4, warps=8),
-        tile_config(128, 128, 64, stages=4, warps=4),
-        tile_config(64, 128, 128, stages=4, warps=4),
-        tile_config(128, 64, 128, stages=4, warps=4),
-        tile_config(64, 64, 128, stages=4, warps=4),
-        tile_config(32, 64, 128, stages=5, warps=4),
-        tile_config(16, 64, 128, stages=5, warps=2),
+        tile_config(128, 256, 32, stages=3, warps=8),
+        tile_config(256, 64, 32, stages=4, warps=8),
+        tile_config(128, 128, 64, stages=4, warps=8),
+        tile_config(64, 256, 64, stages=3, warps=8),
+        tile_config(64, 128, 64, stages=4, warps=4),
+        tile_config(128, 64, 32, stages=4, warps=4),
+        tile_config(64, 64, 64, stages=4, warps=4),
+        tile_config(32, 64, 64, stages=4, warps=4),
+        tile_config(16, 64, 64, stages=4, warps=4),
+        tile_config(16, 128, 64, stages=4, warps=4),
     ]
     INTERPRETER_CONFIGS = [  # one small tile: the interpreter runs every config
         triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4})

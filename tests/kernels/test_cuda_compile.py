@@ -3,7 +3,8 @@
 No GPU needed: Triton's front end, its MLIR passes and the ptxas it ships run on the CPU.
 What this catches before a (rarely lent) GPU does: code the interpreter runs but the compiler
 refuses (a non-constexpr global, a type the interpreter lets through), configs whose shared
-memory exceeds what an SM has, and GEMM kernels that would not run on INT8 tensor cores. The
+memory exceeds what an SM has or whose registers spill, and GEMM kernels that would not run
+on INT8 tensor cores. The
 launchers run for real on CPU tensors, with the kernel swapped for a recorder, so the
 compiled signatures are those a launch would use.
 """
@@ -54,9 +55,16 @@ def _launches(monkeypatch, module, kernel_name: str, launch) -> tuple[object, li
     return recorder.kernel, recorder.calls
 
 
-def _compile_every_config(kernel, args, kwargs, ptx_pattern: str | None) -> list[str]:
+def _ptxas_spills(capfd) -> list[int]:
+    """The spill-store bytes of each ptxas run printed since the last call (Triton prints
+    ptxas's report with `knobs.nvidia.dump_ptxas_log`)."""
+    return [int(n) for n in re.findall(r"(\d+) bytes spill stores", capfd.readouterr().out)]
+
+
+def _compile_every_config(kernel, args, kwargs, ptx_pattern: str | None, capfd) -> list[str]:
     """Compile `kernel` with a launch's arguments in each CUDA config; return the failures
-    (a compile error, too much shared memory, or PTX without `ptx_pattern`)."""
+    (a compile error, too much shared memory, register spills, or PTX without
+    `ptx_pattern`)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -88,6 +96,7 @@ def _compile_every_config(kernel, args, kwargs, ptx_pattern: str | None) -> list
             "num_warps": config.num_warps,
             "num_stages": config.num_stages,
         }
+        _ptxas_spills(capfd)  # drop what came before
         try:
             compiled = triton.compile(
                 ASTSource(fn=fn, signature=sig, constexprs=consts),
@@ -101,6 +110,14 @@ def _compile_every_config(kernel, args, kwargs, ptx_pattern: str | None) -> list
             failures.append(f"{config}: {compiled.metadata.shared} bytes of shared memory")
         if ptx_pattern and not re.search(ptx_pattern, compiled.asm["ptx"]):
             failures.append(f"{config}: no {ptx_pattern!r} in the PTX")
+        # Spilled registers go through local memory on every use: a tile that spills is a
+        # tile to drop. (Checked with this Triton's ptxas; another version may allocate
+        # otherwise, which this test then says.)
+        spills = _ptxas_spills(capfd)
+        if not spills:
+            failures.append(f"{config}: no ptxas report (was the kernel cached?)")
+        elif any(spills):
+            failures.append(f"{config}: ptxas spills {max(spills)} bytes of registers")
     return failures
 
 
@@ -141,10 +158,15 @@ LAUNCHES = {
 
 
 @pytest.mark.parametrize("name", LAUNCHES)
-def test_every_cuda_config_compiles_for_sm90(name, monkeypatch):
+def test_every_cuda_config_compiles_for_sm90(name, monkeypatch, tmp_path, capfd):
+    import triton
+
     module, kernel_name, launch, ptx_pattern = LAUNCHES[name]
     kernel, calls = _launches(monkeypatch, module, kernel_name, launch)
     assert len(calls) == 1, f"{name} launched its kernel {len(calls)} times"
     assert len(kernel.configs) > 1  # the CUDA configs, not the interpreter's one
-    failures = _compile_every_config(kernel, *calls[0], ptx_pattern)
+    # A fresh cache, so that ptxas runs (and reports) for every config.
+    monkeypatch.setattr(triton.knobs.cache, "dir", str(tmp_path))
+    monkeypatch.setattr(triton.knobs.nvidia, "dump_ptxas_log", True)
+    failures = _compile_every_config(kernel, *calls[0], ptx_pattern, capfd)
     assert not failures, "\n".join(failures)
