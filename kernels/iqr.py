@@ -53,14 +53,9 @@ except ImportError:  # no Triton: the launcher runs the torch reference on every
 _HISTOGRAM_BINS = 1024
 
 
-def check_iqr_args(x, bits) -> None:
-    """Raise ValueError, naming the argument, for inputs `iqr_clip_rows` does not take."""
-    check_rows("iqr_clip_rows", x, bits)
-
-
 def iqr_clip_rows_reference(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
     """`iqr_clip_rows` in torch: `quantizer.clip_value` with `iqr` clipping."""
-    check_iqr_args(x, bits)
+    check_rows("iqr_clip_rows", x, bits)
     return quantizer.clip_value(x.float(), QuantSpec(bits=bits, clipping=Clipping.IQR))
 
 
@@ -73,7 +68,7 @@ def iqr_clip_rows(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
     """
     if triton is None or not use_triton(x):
         return iqr_clip_rows_reference(x, bits)
-    check_iqr_args(x, bits)
+    check_rows("iqr_clip_rows", x, bits)
     rows, cols = x.shape
     clip = torch.empty(rows, dtype=torch.float32, device=x.device)
     if rows:
@@ -97,7 +92,7 @@ def iqr_clip_rows(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
 
 @iqr_clip_rows.register_fake
 def _(x, bits=8):
-    check_iqr_args(x, bits)
+    check_rows("iqr_clip_rows", x, bits)
     return x.new_empty((x.shape[0],), dtype=torch.float32)
 
 

@@ -162,10 +162,10 @@ def time_iqr_clip(g: torch.Tensor, layers: str, role: str, timer: KernelTimer) -
     (the others may break near ties of the cosine the other way)."""
     want = clip_value(g.float(), CLIP_SPEC)
     moved = g.numel() * g.element_size() + want.numel() * 4  # read g once; write the clips
+    m, k = g.shape
     rows = []
     for name, prepare in CLIP_CANDIDATES.items():
-        base = dict(name=layers, role=f"iqr clip {role}", candidate=name, m=g.shape[0])
-        base.update(k=g.shape[1], n=0)
+        base = dict(name=layers, role=f"iqr clip {role}", candidate=name, m=m, k=k, n=0)
         try:
             call = prepare(g)
             agree = ((call() - want).abs() <= CLIP_AGREEMENT * want).float().mean().item()

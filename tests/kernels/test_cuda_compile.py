@@ -75,9 +75,9 @@ def _compile_every_config(kernel, args, kwargs, ptx_pattern: str | None, capfd) 
     options = {k: v for k, v in values.items() if k not in names}  # enable_fp_fusion, ...
     failures = []
     for config in kernel.configs:
-        sig, consts = {}, {}
+        sig, consts, given = {}, {}, {**values, **config.kwargs}
         for param in fn.params:
-            value = {**values, **config.kwargs}.get(param.name, _MISSING)
+            value = given.get(param.name, _MISSING)
             if value is _MISSING:
                 continue
             if param.is_constexpr or isinstance(value, bool):
