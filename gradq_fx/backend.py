@@ -46,7 +46,7 @@ def inductor_patches(
     """Inductor config for gradq: its joint-graph pass, plus what `mode` and the lowering ask."""
     patches = dict(torch._inductor.list_mode_options(mode)) if mode else {}
     lowering = lower.resolve(config.lowering, device)  # raises for a lowering the device lacks
-    patches["joint_custom_post_pass"] = lower.LowerPass(lowering)
+    patches["joint_custom_post_pass"] = lower.LowerPass(lowering, config.fallback)
     if lowering is Lowering.INDUCTOR_TEMPLATE:
         # Only Inductor's Triton template fuses the dequantize into the int8 GEMM's epilogue
         # (torch-compile-notes.md); cuBLAS would leave it a separate pass over int32.
@@ -87,7 +87,7 @@ def gradq_eager_backend(
     prepare(gm, config)
 
     def lowered(graph: fx.GraphModule) -> fx.GraphModule:
-        lower.run(graph.graph, lowering)
+        lower.run(graph.graph, lowering, config.fallback)
         graph.recompile()
         return graph
 

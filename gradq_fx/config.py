@@ -59,6 +59,22 @@ class Lowering(enum.Enum):
     # quantize in one pass per operand, dequantize and bias in the GEMM's epilogue. On a
     # CPU tensor the ops run their pure-torch reference (bit-identical results).
     TRITON = "triton"
+    # Inductor's own kernels quantize each operand, from the same plain-torch numerics as
+    # `reference`, so it can fuse the quantize into the kernel that produces the operand
+    # (LayerNorm, GELU, a residual add) and recompute it in the backward instead of saving
+    # int8 codes; gradq's Triton GEMM dequantizes in its epilogue (and per-row iqr clips come
+    # from kernels/iqr.py). On a CPU tensor the GEMM runs its reference: `reference`'s bits.
+    FUSED = "fused"
+
+
+class Fallback(enum.Enum):
+    """Which quantized GEMMs run as float GEMMs instead (`gradq_fx.fallback`)."""
+
+    # On CUDA, under the triton and fused lowerings: each GEMM whose INT8 path (quantizing
+    # both operands, the INT8 GEMM and its dequantize) measured slower than the float GEMM
+    # it replaces, at that GEMM's shapes, on this device.
+    SLOWER = "slower"
+    NEVER = "never"  # every quantized GEMM runs in INT8, whatever its speed
 
 
 class Role(enum.Enum):
@@ -168,6 +184,10 @@ class GradQConfig:
     - `lowering` auto: gradq's fused Triton kernels on CUDA. On an H100 a hand-written Triton
       INT8 GEMM with the scales in its epilogue ran at 1.10x to 1.26x of bf16 where Inductor's
       own lowering of the same numerics ran at 0.34x to 0.50x (torch-compile-notes.md).
+    - `fallback` slower: the same measurement found a shape (12608 x 768 x 768) where the INT8
+      GEMM ran at 0.60x of bf16; INT8 is only worth its error where it is faster, so each
+      shape where it measures slower on the device runs as the float GEMM, and the report
+      says so.
     """
 
     weight: QuantSpec = QuantSpec()
@@ -182,6 +202,7 @@ class GradQConfig:
     stats: bool = True
     lowering: Lowering = Lowering.AUTO
     convolutions: bool = True
+    fallback: Fallback = Fallback.SLOWER
 
     def __post_init__(self):
         for name in ("weight", "activation", "gradient"):
@@ -194,6 +215,8 @@ class GradQConfig:
             raise ValueError(f"attention must be an Attention, got {self.attention!r}")
         if not isinstance(self.lowering, Lowering):
             raise ValueError(f"lowering must be a Lowering, got {self.lowering!r}")
+        if not isinstance(self.fallback, Fallback):
+            raise ValueError(f"fallback must be a Fallback, got {self.fallback!r}")
         for name in ("include", "exclude"):
             value = getattr(self, name)
             if not isinstance(value, tuple) or not all(isinstance(p, str) for p in value):
@@ -232,6 +255,7 @@ class GradQConfig:
         out["stats"] = self.stats
         out["lowering"] = self.lowering.value
         out["convolutions"] = self.convolutions
+        out["fallback"] = self.fallback.value
         return out
 
 
@@ -319,6 +343,7 @@ OPTIONS = {
     "convolutions": _set_bool,
     "attention": _set_choice(Attention),
     "lowering": _set_choice(Lowering),
+    "fallback": _set_choice(Fallback),
     "include": _set_globs,
     "exclude": _set_globs,
 }

@@ -5,7 +5,8 @@ the quantization of each operand spelled out as a `QuantSpec.encode()` string ("
 It is opaque to AOTAutograd, so the joint graph holds one such node per GEMM of the training
 step, labelled; the joint-graph pass `gradq_fx.passes.lower` then replaces each by
 `mm_reference` (the numerics of `gradq_fx.quantizer.quantized_matmul`) or `mm_triton` (the
-same numerics through gradq's fused kernels) for Inductor to compile.
+same numerics through gradq's kernels: all of them, or the GEMM alone with the quantize left
+to Inductor) for Inductor to compile.
 
 `torch.ops.gradq.conv2d` is the same for one GEMM of a dense convolution (an implicit GEMM:
 groups 1, dilation 1, any kernel, stride and padding), lowered to `conv_reference` (the numerics
@@ -120,18 +121,25 @@ def lsq_bits(low: int, high: int) -> int:
     return (high - low).bit_length()
 
 
-def _quantize_rows(rows: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """`quantizer.quantize(rows, spec, dim=-1)` for 2-D rows, through the quantize kernel.
+def _quantize_rows(
+    rows: torch.Tensor, spec: QuantSpec, fused: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantizer.quantize(rows, spec, dim=-1)` for 2-D rows -> (int8 [R, C], scale [R]).
 
-    The clipping value: per-row minmax's absmax the quantize kernel takes in the same launch;
-    per-row iqr's comes from its own kernel (`kernels/iqr.py`, one program per row, no
-    [rows, 640] histogram in memory); per-tensor clips from `quantizer.clip_value`.
+    The clipping value: per-row iqr's comes from its own kernel (`kernels/iqr.py`, one
+    program per row, no [rows, 640] histogram in memory). Then, with `fused`, the quantizer's
+    plain torch ops, which Inductor fuses into the kernel that produced `rows`; else the
+    quantize kernel (one opaque launch; it takes per-row minmax's absmax itself, and the other
+    clips from `quantizer.clip_value`).
     """
     per_row = spec.granularity is Granularity.PER_ROW
     clip = None
     if per_row and spec.clipping is Clipping.IQR:
         clip = iqr_kernel.iqr_clip_rows(rows, spec.bits)
-    elif not (per_row and spec.clipping is Clipping.MINMAX):
+    if fused:
+        q, scale = quantizer.quantize(rows, spec, dim=-1, clip=clip)
+        return q, scale.expand(rows.shape[0], 1).reshape(-1)  # per_tensor: repeated, as below
+    if clip is None and not (per_row and spec.clipping is Clipping.MINMAX):
         flat = rows.float() if per_row else rows.float().reshape(1, -1)
         clip = quantizer.clip_value(flat, spec)
         clip = clip if per_row else clip.reshape(())
@@ -142,19 +150,19 @@ def _quantize_rows(rows: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, t
     return quantize_kernel.quantize_rows(rows, clip, spec.bits, stochastic, seed, spec.scaling)
 
 
-def mm_triton(a, b, bias, a_spec: str, b_spec: str) -> torch.Tensor:
-    """`mm_reference` of two quantized operands through gradq's fused kernels.
+def mm_triton(a, b, bias, a_spec: str, b_spec: str, fused: bool = False) -> torch.Tensor:
+    """`mm_reference` of two quantized operands through gradq's kernels.
 
-    Each operand is quantized in one pass along the contracted dimension (rows of a, rows of
-    b^T), and one GEMM applies both scales and the bias in its epilogue. Nearest rounding
-    gives mm_reference's numbers (unscaled: bit for bit; least-squares scales: to float
-    rounding of their sums; iqr clips: to float rounding, see `kernels/iqr.py`); stochastic
-    rounding draws other random bits.
+    Each operand is quantized along the contracted dimension (rows of a, rows of b^T): in one
+    kernel pass, or with `fused` by Inductor's code (`_quantize_rows`); one GEMM applies both
+    scales and the bias in its epilogue. Nearest rounding gives mm_reference's numbers
+    (unscaled: bit for bit; least-squares scales: to float rounding of their sums; iqr clips:
+    to float rounding, see `kernels/iqr.py`); stochastic rounding draws other random bits.
     """
     a_spec_, b_spec_ = QuantSpec.decode(a_spec), QuantSpec.decode(b_spec)
     m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
-    q_a, scale_a = _quantize_rows(a.reshape(-1, k), a_spec_)
-    q_bt, scale_b = _quantize_rows(b.mT.reshape(-1, k), b_spec_)  # b^T's rows: b's columns
+    q_a, scale_a = _quantize_rows(a.reshape(-1, k), a_spec_, fused)
+    q_bt, scale_b = _quantize_rows(b.mT.reshape(-1, k), b_spec_, fused)  # b^T's rows
     if a.dim() == 2:
         return gemm.int8_scaled_mm(q_a, q_bt.t(), scale_a, scale_b, bias, a.dtype)
     batch = a.shape[:-2]  # equal to b's: `_matmul` expands both
@@ -235,18 +243,19 @@ def conv_reference(
     raise ValueError(f"gradq.conv2d: role must be forward, dgrad or wgrad, got {role!r}")
 
 
-def _quantize_slices(x: torch.Tensor, spec: QuantSpec, keep: int):
-    """`quantizer.quantize_slices` through the quantize kernel: rows [x.shape[keep], rest]."""
+def _quantize_slices(x: torch.Tensor, spec: QuantSpec, keep: int, fused: bool):
+    """`quantizer.quantize_slices` as `_quantize_rows` does it: rows [x.shape[keep], rest]."""
     moved = x.movedim(keep, 0)
-    q, scale = _quantize_rows(moved.reshape(x.shape[keep], -1), spec)
+    q, scale = _quantize_rows(moved.reshape(x.shape[keep], -1), spec, fused)
     return q.reshape(moved.shape).movedim(0, keep), scale
 
 
 def conv_triton(
-    a, b, bias, stride, padding, size, a_spec: str, b_spec: str, role: str
+    a, b, bias, stride, padding, size, a_spec: str, b_spec: str, role: str, fused: bool = False
 ) -> torch.Tensor:
     """`conv_reference` of two quantized operands through gradq's kernels, the operands
-    quantized as `quantizer`'s convolution section says (per image / per channel):
+    quantized as `quantizer`'s convolution section says (per image / per channel), by the
+    quantize kernel or with `fused` by Inductor's code (`_quantize_rows`):
     - forward: the implicit-GEMM kernel (`kernels/conv.py`), scales and bias in its epilogue;
     - dgrad: the same kernel, stride 1, on dY with zeros inserted and padded
       (`int_mm.input_grad_operands`): exact, but at stride s it multiplies s^2 times as many
@@ -259,21 +268,21 @@ def conv_triton(
     stride, padding, size = tuple(stride), tuple(padding), tuple(size)
     a_spec_, b_spec_ = QuantSpec.decode(a_spec), QuantSpec.decode(b_spec)
     if role == Role.FORWARD.value:
-        q_x, x_scale = _quantize_slices(a, a_spec_, keep=0)
-        q_w, w_scale = _quantize_slices(b, b_spec_, keep=0)
+        q_x, x_scale = _quantize_slices(a, a_spec_, keep=0, fused=fused)
+        q_w, w_scale = _quantize_slices(b, b_spec_, keep=0, fused=fused)
         return conv_kernel.int8_scaled_conv2d(
             q_x, q_w, x_scale, w_scale, stride, padding, bias, a.dtype
         )
     if role == Role.DGRAD.value:
-        q_dy, dy_scale = _quantize_slices(a, a_spec_, keep=0)
-        q_w, w_scale = _quantize_slices(b, b_spec_, keep=1)
+        q_dy, dy_scale = _quantize_slices(a, a_spec_, keep=0, fused=fused)
+        q_w, w_scale = _quantize_slices(b, b_spec_, keep=1, fused=fused)
         z, flipped = input_grad_operands(q_dy, q_w, stride, padding, size)
         return conv_kernel.int8_scaled_conv2d(
             z, flipped, dy_scale, w_scale, (1, 1), (0, 0), None, a.dtype
         )
     if role == Role.WGRAD.value:
-        q_x, x_scale = _quantize_slices(a, a_spec_, keep=1)
-        q_dy, dy_scale = _quantize_slices(b, b_spec_, keep=1)
+        q_x, x_scale = _quantize_slices(a, a_spec_, keep=1, fused=fused)
+        q_dy, dy_scale = _quantize_slices(b, b_spec_, keep=1, fused=fused)
         out_channels, channels = b.shape[1], a.shape[1]
         rows = q_dy.transpose(0, 1).reshape(out_channels, -1)
         patches = int8_patches(q_x, size, stride, padding)

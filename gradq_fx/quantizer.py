@@ -128,19 +128,23 @@ def _safe_scale(clip: torch.Tensor, qmax: int) -> torch.Tensor:
     return torch.where(clip > 0, clip / qmax, torch.ones_like(clip))
 
 
-def quantize(x: torch.Tensor, spec: QuantSpec, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize(
+    x: torch.Tensor, spec: QuantSpec, dim: int, clip: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize x with one scale per slice along `dim` (the contracted dimension).
 
     Returns (q, scale): q int8 with x's shape, scale float32 broadcastable against x (size 1
     along `dim`, and along every dimension for per_tensor). IQS has no integer form: see
-    `simulate`.
+    `simulate`. clip: each slice's clipping magnitude, as `clip_value` gives it ([R] float32;
+    one value for per_tensor) where another kernel computed it; None computes it here.
     """
     if spec.clipping is Clipping.IQS:
         raise ValueError("quantize: the IQS codebook has no integer form; use simulate()")
     per_row = spec.granularity is Granularity.PER_ROW
     x32 = x.float()
     rows = _as_rows(x32, dim, per_row)
-    scale = _from_rows(_safe_scale(clip_value(rows, spec), spec.qmax), x32, dim, per_row)
+    clip = clip_value(rows, spec) if clip is None else clip.reshape(-1)
+    scale = _from_rows(_safe_scale(clip, spec.qmax), x32, dim, per_row)
     q = _round(x32 / scale, spec.rounding).clamp(-spec.qmax, spec.qmax)
     if spec.scaling:
         scale = _from_rows(least_squares_scale(rows, _as_rows(q, dim, per_row)), x32, dim, per_row)

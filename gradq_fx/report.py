@@ -32,8 +32,8 @@ from gradq_fx.passes.lower import (
     FLOAT_LOWERING,
     LSQ_LOWERING,
     SIMULATED_LOWERING,
-    lowering_of,
-    resolve,
+    falls_back,
+    node_lowering,
     runs_in_int8,
 )
 from gradq_fx.quantizer import conv2d_scale_groups
@@ -63,6 +63,11 @@ def _not_int8_reason(lowering: str, role: str) -> str:
         return f"{role} disabled by config ({role}=False)"
     if lowering == SIMULATED_LOWERING:
         return "IQS codebook: simulated (decoded operands, float GEMM)"
+    if falls_back(lowering):
+        return (
+            f"{lowering}: its INT8 path measured slower than the float GEMM on this device "
+            "(option fallback='never' keeps it INT8)"
+        )
     if lowering.startswith(LSQ_LOWERING):
         return f"{lowering}: LSQ quantizers quantized the operands upstream; float GEMM"
     return f"{lowering}: below 8 bits, fake quantization (quantize, dequantize, float GEMM)"
@@ -283,10 +288,6 @@ def _shape(node) -> tuple[int, ...]:
     return tuple(int(s) for s in node.meta["val"].shape)
 
 
-def _device(node) -> torch.device:
-    return node.meta["val"].device
-
-
 def _flops(node: fx.Node, output_mask: list[bool] | None = None) -> int:
     if node.target is torch.ops.gradq.mm.default:
         a, b = node.args[0].meta["val"], node.args[1].meta["val"]
@@ -415,8 +416,8 @@ def analyse(captured: list[_Captured], config: GradQConfig, training: bool) -> R
                     a, b, _bias, a_spec, b_spec, role, module = node.args
                 else:
                     a, b, _bias, _stride, _padding, _size, a_spec, b_spec, role, module = node.args
-                resolved = resolve(config.lowering, _device(a))
-                lowering = lowering_of(a_spec, b_spec, resolved, facts.operands(a, b, module))
+                operands = facts.operands(a, b, module)
+                lowering = node_lowering(node, config.lowering, config.fallback, operands)
                 op = str(node.target.overloadpacket).removeprefix("torch.ops.")
                 row = GemmRow(
                     graph, role, module, _shape(a), _shape(b), a_spec, b_spec,

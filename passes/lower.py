@@ -15,10 +15,19 @@ forward graph alone for inference). Each opaque GEMM node becomes what the confi
              q_a, s_a = gradq.quantize_rows(tangent_view, clip, 8, False, None, True, False)
              q_b, s_b = gradq.quantize_rows(permute(primals_2), None, 8, ...)
              mm = gradq.int8_scaled_mm(q_a, permute(q_b), s_a, s_b, None, float32)
+    after, fused: as triton, with each gradq.quantize_rows replaced by the reference's ops
+             (abs, amax, div, round, clamp, to int8), which Inductor fuses into the kernel
+             that produces the operand
 
 A `gradq.conv2d` (a dense convolution's GEMM) becomes `ops.conv_reference` (the integer
 convolution of `kernels/int_mm.py`) or `ops.conv_triton` (the implicit-GEMM kernel of
-`kernels/conv.py`) the same way.
+`kernels/conv.py`, its operands quantized as `triton` or `fused` say) the same way.
+
+With the config's `fallback` at `slower`, a GEMM that `triton` or `fused` would run on CUDA,
+but whose INT8 path measures slower than its float GEMM (`gradq_fx.fallback`), becomes that
+float GEMM instead (`ops.mm_reference` or `ops.conv_reference` without specs):
+
+    after, fallen back:  mm = aten.mm(tangent_view, primals_2)   (in the operands' dtype)
 
 The pass is a `CustomGraphPass` whose uuid hashes the source of gradq's numerics and passes,
 so Inductor's FX graph cache and AOTAutograd's cache stay correct when either changes.
@@ -40,13 +49,14 @@ from torch._inductor.pattern_matcher import (
     PatternMatcherPass,
     register_graph_pattern,
 )
+from torch.fx.operator_schemas import normalize_function
 
 import gradq_fx
-from gradq_fx import kernels, ops, quantizer
-from gradq_fx.config import Clipping, Lowering, decode_operand, operand_bits
+from gradq_fx import fallback, kernels, ops, quantizer
+from gradq_fx.config import Clipping, Fallback, Lowering, decode_operand, operand_bits
 
 # What a gradq.mm is lowered to, as the report names it: the resolved `Lowering`'s value
-# ('reference', 'inductor_template', 'triton'), or one of these.
+# ('reference', 'inductor_template', 'triton', 'fused'), or one of these.
 SIMULATED_LOWERING = "simulated"  # IQS operand: decoded operands, float GEMM
 FLOAT_LOWERING = "float matmul"  # a role the config keeps in float
 # Fake quantization (quantize, dequantize, float GEMM): an operand below 8 bits, named with
@@ -54,6 +64,9 @@ FLOAT_LOWERING = "float matmul"  # a role the config keeps in float
 # (gradq_fx.qat) quantized the operands upstream and the GEMM takes them as they are.
 FAKE_QUANT_LOWERING = "fake-quant"
 LSQ_LOWERING = "LSQ fake-quant"
+# A GEMM whose INT8 path measured slower than its float GEMM (`gradq_fx.fallback`), named with
+# the measured ratio: "float fallback (INT8 0.62x)".
+FALLBACK_LOWERING = "float fallback"
 
 
 def resolve(lowering: Lowering, device: torch.device) -> Lowering:
@@ -98,31 +111,59 @@ def _operand_order(named: tuple[str, int]) -> int:
     return "WAG".index(named[0])
 
 
+def node_lowering(
+    node: fx.Node,
+    lowering: Lowering,
+    rule: Fallback = Fallback.NEVER,
+    operands: tuple[str, str] = ("A", "W"),
+) -> str:
+    """The report's name for what the gradq.mm or gradq.conv2d `node` becomes: `lowering_of`'s,
+    or under `rule` SLOWER a FALLBACK_LOWERING where its INT8 path measured slower on the
+    device (`gradq_fx.fallback.speedup`). The pass and the report both ask here."""
+    arguments = arguments_of(node)
+    resolved = resolve(lowering, arguments["a"].device)
+    name = lowering_of(arguments["a_spec"], arguments["b_spec"], resolved, operands)
+    if rule is Fallback.SLOWER and name in (Lowering.TRITON.value, Lowering.FUSED.value):
+        ratio = fallback.speedup(node.target, arguments)
+        if ratio is not None and ratio < 1:
+            return f"{FALLBACK_LOWERING} (INT8 {ratio:.2f}x)"
+    return name
+
+
+def arguments_of(node: fx.Node) -> dict:
+    """A gradq op node's arguments by name, each node replaced by its value (a fake tensor)."""
+    normalized = normalize_function(
+        node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True
+    )
+    return {
+        name: value.meta["val"] if isinstance(value, fx.Node) else value
+        for name, value in normalized.kwargs.items()
+    }
+
+
+def falls_back(lowering: str) -> bool:
+    return lowering.startswith(FALLBACK_LOWERING)
+
+
 def runs_in_int8(lowering: str) -> bool:
     """Whether a GEMM `lowering_of` names so runs as an INT8 GEMM."""
     return lowering in {member.value for member in Lowering}
 
 
-def _device(node: fx.Node) -> torch.device:
-    return node.meta["val"].device
-
-
 @functools.cache
-def _patterns(lowering: Lowering) -> PatternMatcherPass:
+def _patterns(lowering: Lowering, rule: Fallback) -> PatternMatcherPass:
     patterns = PatternMatcherPass()
     names = ("a", "b", "bias", "a_spec", "b_spec", "role", "module")
     pattern = CallFunction(torch.ops.gradq.mm.default, *(KeywordArg(n) for n in names))
 
     @register_graph_pattern(pattern, pass_dict=patterns)
     def _lower(match: Match, a, b, bias, a_spec, b_spec, role, module):
-        resolved = resolve(lowering, _device(a))
-        if lowering_of(a_spec, b_spec, resolved) == Lowering.TRITON.value:
-            mm = ops.mm_triton
-        else:  # reference, inductor_template (same graph), simulated and float GEMMs
-            mm = ops.mm_reference
+        name = node_lowering(match.output_node(), lowering, rule)
+        mm = _gemm(ops.mm_reference, ops.mm_triton, name)
+        specs = ("", "") if falls_back(name) else (a_spec, b_spec)
 
         def replacement(a, b, bias):
-            return mm(a, b, bias, a_spec, b_spec)
+            return mm(a, b, bias, *specs)
 
         match.replace_by_example(replacement, [a, b, bias])
 
@@ -131,23 +172,38 @@ def _patterns(lowering: Lowering) -> PatternMatcherPass:
 
     @register_graph_pattern(pattern, pass_dict=patterns)
     def _lower_conv(match: Match, a, b, bias, stride, padding, size, a_spec, b_spec, role, module):
-        resolved = resolve(lowering, _device(a))
-        if lowering_of(a_spec, b_spec, resolved) == Lowering.TRITON.value:
-            conv = ops.conv_triton
-        else:  # reference, inductor_template (same graph), simulated and float GEMMs
-            conv = ops.conv_reference
+        name = node_lowering(match.output_node(), lowering, rule)
+        conv = _gemm(ops.conv_reference, ops.conv_triton, name)
+        specs = ("", "") if falls_back(name) else (a_spec, b_spec)
 
         def replacement(a, b, bias):
-            return conv(a, b, bias, stride, padding, size, a_spec, b_spec, role)
+            return conv(a, b, bias, stride, padding, size, *specs, role)
 
         match.replace_by_example(replacement, [a, b, bias])
 
     return patterns
 
 
-def run(graph: fx.Graph, lowering: Lowering = Lowering.AUTO) -> int:
-    """Replace every gradq.mm and gradq.conv2d in `graph`; return how many were replaced."""
-    count = _patterns(lowering).apply(graph)
+def _gemm(reference, kernel, lowering: str):
+    """What computes a GEMM the report names `lowering`: `kernel` (ops.mm_triton or
+    ops.conv_triton) for triton and fused, else `reference` (reference, inductor_template:
+    the same graph; simulated, fake-quant, float and fallback GEMMs)."""
+    if lowering == Lowering.TRITON.value:
+        return kernel
+    if lowering == Lowering.FUSED.value:
+        return functools.partial(kernel, fused=True)
+    return reference
+
+
+def run(
+    graph: fx.Graph, lowering: Lowering = Lowering.AUTO, rule: Fallback = Fallback.NEVER
+) -> int:
+    """Replace every gradq.mm and gradq.conv2d in `graph`; return how many were replaced.
+
+    rule: the config's `fallback`; SLOWER lowers a GEMM whose INT8 path measures slower than
+    float (on CUDA, triton and fused lowerings: `gradq_fx.fallback`) to its float GEMM.
+    """
+    count = _patterns(lowering, rule).apply(graph)
     graph.lint()
     return count
 
@@ -171,11 +227,12 @@ def source_hash() -> str:
 class LowerPass(CustomGraphPass):
     """`run` as Inductor's joint custom pass, with a uuid that keeps the caches honest."""
 
-    def __init__(self, lowering: Lowering = Lowering.AUTO):
+    def __init__(self, lowering: Lowering = Lowering.AUTO, rule: Fallback = Fallback.NEVER):
         self.lowering = lowering
+        self.rule = rule
 
     def __call__(self, graph: fx.Graph) -> None:
-        run(graph, self.lowering)
+        run(graph, self.lowering, self.rule)
 
     def uuid(self) -> str:
-        return f"{source_hash()}:{self.lowering.value}"
+        return f"{source_hash()}:{self.lowering.value}:{self.rule.value}"

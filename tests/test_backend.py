@@ -289,7 +289,8 @@ def test_cuda_shapes_cublas_refuses():
 
 
 @pytest.mark.slow
-def test_inductor_compiles_the_triton_lowering():
+@pytest.mark.parametrize("lowering", ["triton", "fused"])
+def test_inductor_compiles_the_kernel_lowerings(lowering):
     """The kernels' custom ops inside Inductor's code: the same numbers as the reference."""
     model, x = mlp(), torch.randn(197, 37)
     expected = step(model, x, "gradq_eager", {"lowering": "reference"}, fullgraph=True)
@@ -297,10 +298,12 @@ def test_inductor_compiles_the_triton_lowering():
     from torch._inductor.utils import run_and_get_code
 
     actual, codes = run_and_get_code(
-        step, model, x, "gradq", {"lowering": "triton"}, fullgraph=True
+        step, model, x, "gradq", {"lowering": lowering}, fullgraph=True
     )
     code = "\n".join(codes)
-    assert "gradq.int8_scaled_mm" in code and "gradq.quantize_rows" in code
+    assert "gradq.int8_scaled_mm" in code
+    # fused: Inductor's own code quantizes (the quantize kernel is absent).
+    assert ("gradq.quantize_rows" in code) == (lowering == "triton")
     # Same integers and scales; Inductor may fuse the surrounding float math differently.
     assert sqnr_db(expected[0], actual[0]) > 50
     assert sqnr_db(expected[1], actual[1]) > 50
@@ -309,7 +312,7 @@ def test_inductor_compiles_the_triton_lowering():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("lowering", ["auto", "inductor_template"])
+@pytest.mark.parametrize("lowering", ["auto", "fused", "inductor_template"])
 def test_cuda_lowerings_generate_int8_kernels_and_track_float(lowering):
     from torch._inductor.utils import run_and_get_code
 
@@ -320,6 +323,9 @@ def test_cuda_lowerings_generate_int8_kernels_and_track_float(lowering):
     code = "\n".join(codes)
     if lowering == "auto":  # gradq's fused kernels, launched from Inductor's code
         assert "gradq.int8_scaled_mm" in code and "gradq.quantize_rows" in code
+    elif lowering == "fused":  # gradq's GEMM; Inductor's Triton kernels quantize
+        assert "gradq.int8_scaled_mm" in code and "gradq.quantize_rows" not in code
+        assert "tl.int8" in code
     else:  # Inductor's own int8 GEMM template, no gradq kernel
         assert "gradq." not in code and "triton" in code
     assert sqnr_db(ref_out, out) > 27

@@ -12,6 +12,7 @@ from gradq_fx.config import (
     OPTIONS,
     Attention,
     Clipping,
+    Fallback,
     GradQConfig,
     Granularity,
     Lowering,
@@ -52,9 +53,10 @@ def _key_table():
         table[flag] = ([True, False], lambda c, f=flag: getattr(c, f))
     table["attention"] = ([member.value for member in Attention], lambda c: c.attention.value)
     table["lowering"] = (
-        ["auto", "reference", "inductor_template", "triton"],
+        ["auto", "reference", "inductor_template", "triton", "fused"],
         lambda c: c.lowering.value,
     )
+    table["fallback"] = (["slower", "never"], lambda c: c.fallback.value)
     for globs in ("include", "exclude"):
         table[globs] = (
             ["blocks.*", ["blocks.0.*", "head"], [], ("patch_embed.proj",)],
@@ -87,6 +89,7 @@ def test_defaults():
     assert (config.forward, config.dgrad, config.wgrad) == (True, True, True)
     assert config.attention is Attention.FLOAT
     assert config.lowering is Lowering.AUTO
+    assert config.fallback is Fallback.SLOWER
     assert config.convolutions is True
     assert config.include == ("*",)
     assert config.exclude == ()
@@ -213,7 +216,8 @@ BAD_CASES = (
     + [(f"{op}_clipping", "absmax", _ENUM_CHOICES["clipping"]) for op in OPERANDS]
     + [("gradient_quantizer", "iqs_typo", _ENUM_CHOICES["clipping"])]
     + [("attention", "fp8", _ENUM_CHOICES["attention"])]
-    + [("lowering", "cublas", ["auto", "reference", "inductor_template", "triton"])]
+    + [("lowering", "cublas", ["auto", "reference", "inductor_template", "triton", "fused"])]
+    + [("fallback", "always", ["slower", "never"])]
     + [(flag, "yes", ["True", "False"]) for flag in ("forward", "dgrad", "wgrad", "convolutions")]
     + [(f"{op}_scaling", 1, ["True", "False"]) for op in OPERANDS]
     + [("forward", 1, ["True", "False"])]

@@ -245,13 +245,14 @@ def test_dense_per_tensor_and_iqs_track_float64():
         assert all(m >= f for m, f in zip(measured, floors, strict=True)), (options, measured)
 
 
-def test_dense_triton_lowering_on_cpu_is_the_reference():
+@pytest.mark.parametrize("lowering", ["triton", "fused"])
+def test_dense_kernel_lowerings_on_cpu_are_the_reference(lowering):
     # On CPU tensors the kernels' launchers run their references: the same numbers.
     conv, x, grad_out = make_case("3x3_stride2_pad1_odd")
     reference = gradq_step(conv, x, grad_out, {"lowering": "reference"})
     torch._dynamo.reset()
-    triton = gradq_step(conv, x, grad_out, {"lowering": "triton"})
-    for got, want in zip(triton, reference, strict=True):
+    kernels = gradq_step(conv, x, grad_out, {"lowering": lowering})
+    for got, want in zip(kernels, reference, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
 
 

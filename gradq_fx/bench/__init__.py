@@ -6,7 +6,9 @@ step, zero_grad) of one model, in one process, for each setting of `SETTINGS`:
 - `fp32-eager`: the model as is;
 - `bf16-eager`: under `torch.autocast(device, torch.bfloat16)`;
 - `bf16-compile`: `torch.compile` (Inductor, default mode) under autocast;
-- `gradq`: `torch.compile(backend="gradq", options=...)` under autocast.
+- `gradq`: `torch.compile(backend="gradq", options=...)` under autocast;
+- `gradq-fused`: the same with `lowering=fused` (Inductor's kernels quantize, fused into their
+  producers; gradq's GEMM), so one table compares both kernel lowerings.
 Every setting starts from a copy of the same freshly initialised model and trains on the same
 synthetic batch. The first step (which compiles) is timed on its own; after the warm-up steps,
 `--iters` steps are timed one by one (CUDA events on CUDA, `time.perf_counter` on the CPU) and

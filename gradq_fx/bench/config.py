@@ -30,6 +30,8 @@ class Setting:
     name: str
     autocast: bool
     compiler: str | None  # None (eager), "inductor" or "gradq"
+    # gradq options this setting fixes, over --option's: (key, value) pairs.
+    options: tuple[tuple[str, str], ...] = ()
 
 
 SETTINGS: dict[str, Setting] = {
@@ -39,6 +41,8 @@ SETTINGS: dict[str, Setting] = {
         Setting("bf16-eager", autocast=True, compiler=None),
         Setting("bf16-compile", autocast=True, compiler="inductor"),
         Setting("gradq", autocast=True, compiler="gradq"),
+        # The other kernel lowering (issue 3: measure both, make the faster the default).
+        Setting("gradq-fused", autocast=True, compiler="gradq", options=(("lowering", "fused"),)),
     )
 }
 

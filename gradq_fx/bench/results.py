@@ -124,7 +124,7 @@ def decoded(data: Mapping[str, Any], decoders: Mapping[str, Callable]) -> dict[s
     """`data` with each field named in `decoders` rebuilt from its JSON form (None stays)."""
     fields = dict(data)
     for key, decode in decoders.items():
-        if fields[key] is not None:
+        if fields.get(key) is not None:
             fields[key] = decode(fields[key])
     return fields
 

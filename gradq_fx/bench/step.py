@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from tabulate import tabulate
 
+from gradq_fx import fallback
 from gradq_fx.bench.config import SETTINGS, BenchConfig, Setting
 from gradq_fx.bench.results import (
     Report,
@@ -58,11 +59,24 @@ class SettingResult:
     compile_s: float | None = None  # compiled settings: first step less the median step
     final_loss: float | None = None
     rewritten_ops: int | None = None  # gradq: matmul-like ops it rewrote into INT8 GEMMs
+    # gradq on CUDA: each GEMM signature the fallback rule timed while compiling
+    # (`gradq_fx.fallback.Measurement` as a dict); below 1, that GEMM runs in float.
+    gemm_speedups: tuple[dict[str, Any], ...] = ()
     error: str | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SettingResult:
-        return cls(**decoded(data, {"samples_ms": tuple, "ms": summary_or_none}))
+        return cls(
+            **decoded(data, {"samples_ms": tuple, "ms": summary_or_none, "gemm_speedups": tuple})
+        )
+
+    @property
+    def fallbacks(self) -> str | None:
+        """ "k/n": k of the n GEMM signatures timed fall back to float; None if none was timed."""
+        if not self.gemm_speedups:
+            return None
+        slower = sum(1 for m in self.gemm_speedups if m["speedup"] < 1)
+        return f"{slower}/{len(self.gemm_speedups)}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,8 +165,10 @@ def run_setting(
     model = copy.deepcopy(model0).to(device).train()
     counter = None
     if setting.compiler == "gradq":
+        fallback.reset()  # each setting times its GEMMs afresh, as a new process would
         counter = GradQBackend("gradq")
-        net = torch.compile(model, backend=counter, options=dict(config.options))
+        options = dict(config.options) | dict(setting.options)
+        net = torch.compile(model, backend=counter, options=options)
     elif setting.compiler == "inductor":
         net = torch.compile(model)
     else:
@@ -188,6 +204,9 @@ def run_setting(
         compile_s=(first_ms - ms.median) / 1e3 if setting.compiler else None,
         final_loss=last_loss[0].item(),
         rewritten_ops=counter.rewritten if counter is not None else None,
+        gemm_speedups=tuple(dataclasses.asdict(m) for m in fallback.measurements())
+        if counter is not None
+        else (),
     )
 
 
@@ -217,6 +236,9 @@ def run_steps(config: BenchConfig, device: torch.device, command: str) -> StepRe
         "median step",
         "saved_bytes": "what one step's forward keeps for backward: each storage once, the "
         "parameters excepted (a saved-tensors hook on a step after timing)",
+        "gemm_speedups": "gradq on CUDA: float ms / INT8 ms of each GEMM signature, timed "
+        "while compiling (gradq_fx.fallback); below 1 the GEMM runs in float (the table's "
+        "fallback column: k of n)",
     }
     if not clock.cuda:
         notes["peak_memory"] = (
@@ -244,7 +266,7 @@ def step_table(report: StepReport) -> str:
     baselines = [b for b in BASELINES if b in report.results and report.results[b].ms]
     headers = ["setting", "ms/step", "q1-q3 ms", "images/s"]
     headers += [f"vs {b}" for b in baselines]
-    headers += ["peak MiB", "saved MiB", "compile s", "rewritten"]
+    headers += ["peak MiB", "saved MiB", "compile s", "rewritten", "fallback"]
     rows = []
     for name, r in report.results.items():
         if r.ms is None:
@@ -261,6 +283,7 @@ def step_table(report: StepReport) -> str:
                 None if r.saved_bytes is None else r.saved_bytes / 2**20,
                 r.compile_s,
                 r.rewritten_ops,
+                r.fallbacks,
             ]
         )
     return tabulate(rows, headers=headers, floatfmt=".2f", missingval="n/a")

@@ -15,7 +15,14 @@ from PIL import Image
 from gradq_fx.bench.chart import chart_size
 from gradq_fx.bench.config import SETTINGS
 from gradq_fx.bench.results import SCHEMA, environment, write_json
-from gradq_fx.bench.step import BASELINES, SettingResult, StepReport, saved_bytes, speedups
+from gradq_fx.bench.step import (
+    BASELINES,
+    SettingResult,
+    StepReport,
+    saved_bytes,
+    speedups,
+    step_table,
+)
 from gradq_fx.cli import main
 from tests.bench.conftest import CPU, TINY_MODEL, summary
 
@@ -52,6 +59,15 @@ def test_step_report_round_trips_through_json(tmp_path):
                 final_loss=2.3,
             ),
             "gradq": SettingResult("gradq", error="RuntimeError: boom"),
+            "gradq-fused": SettingResult(
+                "gradq-fused",
+                samples_ms=(5.0,),
+                ms=summary(5.0),
+                gemm_speedups=(
+                    {"op": "gradq.mm", "a_shape": "197x64", "speedup": 0.5},
+                    {"op": "gradq.conv2d", "a_shape": "2x3x9x9", "speedup": 1.5},
+                ),
+            ),
         },
         notes={"peak_memory": "not measured on the CPU"},
     )
@@ -61,6 +77,9 @@ def test_step_report_round_trips_through_json(tmp_path):
     assert data["schema"] == SCHEMA and data["mode"] == "step"
     assert set(data["results"]["gradq"]) == set(data["results"]["fp32-eager"])
     assert StepReport.from_dict(data) == report
+    assert report.results["gradq-fused"].fallbacks == "1/2"  # one of two GEMMs runs in float
+    assert report.results["fp32-eager"].fallbacks is None
+    assert "1/2" in step_table(report)
     assert report.failed
     with pytest.raises(ValueError, match="not a gradq-bench/1 step report"):
         StepReport.from_dict({**data, "mode": "kernels"})

@@ -82,6 +82,21 @@ def test_triton_lowering_puts_the_fused_kernels_in_the_graph():
     assert count(reference, torch.ops.gradq.int8_scaled_mm.default) == 0
 
 
+def test_fused_lowering_leaves_the_quantize_to_inductor():
+    model = torch.nn.Sequential(torch.nn.Linear(13, 17), torch.nn.GELU(), torch.nn.Linear(17, 5))
+    x = torch.randn(7, 13, requires_grad=True)
+    graph = lowered_graph(model, x, {}, Lowering.FUSED)
+    assert count(graph, torch.ops.gradq.int8_scaled_mm.default) == 6
+    assert count(graph, torch.ops.gradq.quantize_rows.default) == 0
+    # Per-row iqr clips of the 4 gradient operands (2 layers x dgrad, wgrad) keep their kernel;
+    # each of the 12 operands' rounding is a plain aten op (the rest round in the stats probe).
+    assert count(graph, torch.ops.gradq.iqr_clip_rows.default) == 4
+    triton = lowered_graph(model, x, {}, Lowering.TRITON)
+    rounds = count(graph, torch.ops.aten.round.default)
+    assert rounds - count(triton, torch.ops.aten.round.default) == 12
+    assert count(graph, torch.ops.aten.bmm.default) == 0
+
+
 def test_auto_lowering_resolves_per_device():
     assert lower.resolve(Lowering.AUTO, torch.device("cpu")) is Lowering.REFERENCE
     expected = Lowering.TRITON if kernels.triton_installed() else Lowering.REFERENCE
@@ -117,15 +132,16 @@ class TinyAttention(torch.nn.Module):
         return self.proj(scores.transpose(1, 2).flatten(2))
 
 
+@pytest.mark.parametrize("lowering", ["triton", "fused"])
 @pytest.mark.parametrize("scaling", [False, True])
-def test_triton_lowering_matches_the_reference_lowering(scaling):
+def test_kernel_lowerings_match_the_reference_lowering(scaling, lowering):
     torch.manual_seed(0)
     model = TinyAttention()
     x = torch.randn(3, 23, 19)
     x[0, 5] *= 50  # an outlier token
     base = {"attention": "int8", "gradient_scaling": scaling}
     expected = train_step(model, x, {**base, "lowering": "reference"})
-    actual = train_step(model, x, {**base, "lowering": "triton"})
+    actual = train_step(model, x, {**base, "lowering": lowering})
     # On the CPU the kernels' ops run their torch references, so the two lowerings must give
     # the same bits; the Triton kernels themselves are held to those references in
     # tests/kernels (bit for bit, least-squares scales to float rounding).
