@@ -203,3 +203,28 @@ def test_cuda_speedup_is_measured_and_the_report_agrees_with_it():
     result = report(model, torch.randn(197, 13, device="cuda"), {"lowering": "triton"})
     for row in result.gemms:
         assert row.lowering == "triton" or row.lowering.startswith("float fallback (INT8 0.")
+
+
+@pytest.mark.slow
+def test_measuring_inside_inductors_joint_pass(monkeypatch):
+    """Inductor runs the lowering under its fake mode: measure() must time real tensors there.
+
+    On the CPU `speedup` never measures; here it is made to, and then to condemn module "0",
+    so that Inductor's code holds gradq's INT8 kernel for layer "2" only.
+    """
+    measured = []
+
+    def speedup(target, arguments):
+        measured.append(fallback.measure(target, arguments))
+        return 0.5 if arguments["module"] == "0" else 2.0
+
+    monkeypatch.setattr(fallback, "speedup", speedup)
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    model, x = mlp(), torch.randn(7, 13, requires_grad=True)
+    compiled = torch.compile(model, backend="gradq", options={"lowering": "triton"})
+    _, codes = run_and_get_code(lambda: compiled(x).sum().backward())
+    assert len(measured) == 6 and all(r > 0 and math.isfinite(r) for r in measured)
+    code = "\n".join(codes)
+    assert code.count("gradq.int8_scaled_mm.default(") == 3  # layer "2": forward, dgrad, wgrad
