@@ -36,3 +36,19 @@ def use_triton(tensor: torch.Tensor) -> bool:
     if not triton_installed():
         return False
     return tensor.is_cuda or (tensor.device.type == "cpu" and triton_interpreting())
+
+
+def reset_autotuning() -> None:
+    """Forget the tile each of gradq's autotuned kernels chose per shape in this process, so
+    that their next launches tune again, as in a fresh process (`bench` does this before it
+    times a compile). Triton's compiled binaries stay cached."""
+    if not triton_installed():
+        return
+    from triton.runtime.autotuner import Autotuner
+
+    from gradq_fx.kernels import conv, gemm, iqr, quantize
+
+    for module in (conv, gemm, iqr, quantize):
+        for value in vars(module).values():
+            if isinstance(value, Autotuner):
+                value.cache.clear()
