@@ -21,6 +21,10 @@ specs, role; not the module). Only CUDA is measured: on the CPU the lowering is 
 reference, whose speed no-one trains for. Shapes that are not concrete integers (dynamic
 shapes) are not measured, and stay INT8. A compiled graph found in Inductor's FX graph cache
 keeps the decisions made when it was compiled on this machine.
+
+Timings are noisy: a GEMM whose two paths run within a few percent of each other may land on
+either side of 1 from one process to the next, and so train in INT8 in one run and in float
+in another. `fallback=never` keeps every quantized GEMM in INT8, for runs that must repeat.
 """
 
 from __future__ import annotations
