@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import itertools
+import re
 
 import pytest
 import torch
@@ -309,6 +310,28 @@ def test_inductor_compiles_the_kernel_lowerings(lowering):
     assert sqnr_db(expected[0], actual[0]) > 50
     assert sqnr_db(expected[1], actual[1]) > 50
     assert min_weight_sqnr(expected[2], actual[2]) > 50
+
+
+@pytest.mark.slow
+def test_fused_lowering_quantizes_inside_the_producers_kernel():
+    """LayerNorm -> Linear: `fused` leaves Inductor one kernel (LayerNorm and the quantize of
+    both operands) before gradq's GEMM; `triton` launches the quantize kernel on its output."""
+    from torch._inductor.utils import run_and_get_code
+
+    model = torch.nn.Sequential(torch.nn.LayerNorm(64), torch.nn.Linear(64, 32))
+    x = torch.randn(197, 64)
+    kernels = {}
+    for lowering in ("fused", "triton"):
+        torch._dynamo.reset()
+        with torch.no_grad():
+            compiled = torch.compile(model, backend="gradq", options={"lowering": lowering})
+            _, codes = run_and_get_code(compiled, x)
+        code = "\n".join(codes)
+        assert "gradq.int8_scaled_mm" in code
+        kernels[lowering] = sorted(set(re.findall(r"cpp_fused_\w+", code)))
+        assert ("gradq.quantize_rows" in code) == (lowering == "triton")
+    (fused,) = kernels["fused"]
+    assert "layer_norm" in fused
 
 
 @pytest.mark.gpu
