@@ -73,7 +73,7 @@ class SettingResult:
 
     @property
     def fallbacks(self) -> str | None:
-        """ "k/n": k of the n GEMM signatures timed fall back to float; None if none was timed."""
+        """How many of the GEMM signatures timed fall back to float, as "k/n" (None: none)."""
         if not self.gemm_speedups:
             return None
         slower = sum(1 for m in self.gemm_speedups if m["speedup"] < 1)
@@ -197,6 +197,7 @@ def run_setting(
     ms = Summary.of(samples)
     say(f"{setting.name}: {ms.median:.2f} ms/step")
     saved = saved_bytes(timed_step, exclude=model.parameters())  # after timing: no hook there
+    timed_gemms = tuple(dataclasses.asdict(m) for m in fallback.measurements())
     return SettingResult(
         setting=setting.name,
         samples_ms=tuple(samples),
@@ -208,9 +209,7 @@ def run_setting(
         compile_s=(first_ms - ms.median) / 1e3 if setting.compiler else None,
         final_loss=last_loss[0].item(),
         rewritten_ops=counter.rewritten if counter is not None else None,
-        gemm_speedups=tuple(dataclasses.asdict(m) for m in fallback.measurements())
-        if counter is not None
-        else (),
+        gemm_speedups=timed_gemms if counter is not None else (),
     )
 
 
