@@ -11,6 +11,9 @@ set -uo pipefail
 OUT=${OUT:-out/gpu-session}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+# Each autotuning of gradq's kernels prints its duration into bench.log: the share of gradq's
+# compile time (issue 3: at most 2x bf16 torch.compile's) that tile tuning takes.
+export TRITON_PRINT_AUTOTUNING=1
 log="$OUT/bench.log"
 
 {
