@@ -180,7 +180,8 @@ class GradQConfig:
       convolutions stay float, and the report says why (`passes.annotate`).
     - `stats`: each quantized Linear records how well its wgrad gradient survives quantization
       (cosine, relative error; `gradq_fx.stats`), which the adaptive learning rate reads. It
-      costs one more quantization of dY on the reference path.
+      costs one more quantization of dY (its per-row iqr clip from `kernels/iqr.py` under the
+      triton and fused lowerings: `ops.stats_triton`).
     - `lowering` auto: gradq's fused Triton kernels on CUDA. On an H100 a hand-written Triton
       INT8 GEMM with the scales in its epilogue ran at 1.10x to 1.26x of bf16 where Inductor's
       own lowering of the same numerics ran at 0.34x to 0.50x (torch-compile-notes.md).

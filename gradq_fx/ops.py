@@ -150,6 +150,34 @@ def _quantize_rows(
     return quantize_kernel.quantize_rows(rows, clip, spec.bits, stochastic, seed, spec.scaling)
 
 
+@torch.library.custom_op("gradq::quantization_stats", mutates_args=())
+def quantization_stats(x: torch.Tensor, spec: str, dim: int) -> torch.Tensor:
+    """`quantizer.quantization_stats` (float32 [3]) as one node of the backward graph, which
+    the lowering pass turns into `stats_reference` or, for the kernel lowerings,
+    `stats_triton`."""
+    return stats_reference(x, spec, dim)
+
+
+@quantization_stats.register_fake
+def _(x, spec, dim):
+    return x.new_empty((3,), dtype=torch.float32)
+
+
+def stats_reference(x: torch.Tensor, spec: str, dim: int) -> torch.Tensor:
+    return quantizer.quantization_stats(x, QuantSpec.decode(spec), dim)
+
+
+def stats_triton(x: torch.Tensor, spec: str, dim: int) -> torch.Tensor:
+    """`stats_reference`, per-row iqr clips from `kernels/iqr.py` (the rest plain torch, for
+    Inductor to fuse into one reduction): the reference IQR's [rows, 640] histogram and
+    [rows, 8, C] candidate scoring would otherwise run again, beside the wgrad's own clip."""
+    spec_ = QuantSpec.decode(spec)
+    clip = None
+    if spec_.granularity is Granularity.PER_ROW and spec_.clipping is Clipping.IQR:
+        clip = iqr_kernel.iqr_clip_rows(x.movedim(dim, -1).reshape(-1, x.shape[dim]), spec_.bits)
+    return quantizer.quantization_stats(x, spec_, dim, clip)
+
+
 def mm_triton(a, b, bias, a_spec: str, b_spec: str, fused: bool = False) -> torch.Tensor:
     """`mm_reference` of two quantized operands through gradq's kernels.
 
@@ -335,8 +363,7 @@ class _QuantizedMatmul(torch.autograd.Function):
         if ctx.has_probe and ctx.needs_input_grad[4]:
             # The probe's "gradient" is the statistics of dY's quantization in wgrad: it
             # reaches probe.grad on the device, with no host synchronisation.
-            spec = QuantSpec.decode(site.dgrad_b[1])
-            grad_probe = quantizer.quantization_stats(grad_out, spec, dim=-2)
+            grad_probe = torch.ops.gradq.quantization_stats(grad_out, site.dgrad_b[1], -2)
         return grad_a, grad_b, grad_bias, None, grad_probe
 
 
@@ -404,9 +431,8 @@ class _QuantizedConv2d(torch.autograd.Function):
             grad_bias = grad_out.sum(dim=(0, 2, 3))
         if ctx.has_probe and ctx.needs_input_grad[6]:
             # dY's quantization in wgrad: one slice per output channel (or the tensor).
-            spec = QuantSpec.decode(site.dgrad_b[1])
             rows = grad_out.transpose(0, 1).reshape(grad_out.shape[1], -1)
-            grad_probe = quantizer.quantization_stats(rows, spec, dim=-1)
+            grad_probe = torch.ops.gradq.quantization_stats(rows, site.dgrad_b[1], -1)
         return grad_x, grad_w, grad_bias, None, None, None, grad_probe
 
 

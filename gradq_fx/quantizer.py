@@ -162,14 +162,17 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale
 
 
-def quantization_stats(x: torch.Tensor, spec: QuantSpec, dim: int) -> torch.Tensor:
+def quantization_stats(
+    x: torch.Tensor, spec: QuantSpec, dim: int, clip: torch.Tensor | None = None
+) -> torch.Tensor:
     """[cos(x, x_q), ||x - x_q||^2 / ||x||^2, 1] for x_q = dequantize(quantize(x, spec, dim)).
 
     The trailing 1 counts: summed over steps (as gradients accumulate) the vector holds the
-    totals and the number of steps. An all-zero x counts as cosine 1, error 0.
+    totals and the number of steps. An all-zero x counts as cosine 1, error 0. clip: as in
+    `quantize`.
     """
     x32 = x.float()
-    restored = simulate(x, spec, dim)
+    restored = simulate(x, spec, dim, clip)
     norms = x32.norm() * restored.norm()
     energy = x32.square().sum()
     cosine = torch.where(norms > 0, (x32 * restored).sum() / norms, 1.0)
@@ -219,11 +222,17 @@ def iqs_simulate(x: torch.Tensor, dim: int, per_row: bool) -> torch.Tensor:
     return nearest.reshape(x32.movedim(dim, -1).shape).movedim(-1, dim)
 
 
-def simulate(x: torch.Tensor, spec: QuantSpec, dim: int) -> torch.Tensor:
-    """What the GEMM sees of x after quantization, in float32 (any clipping, IQS included)."""
+def simulate(
+    x: torch.Tensor, spec: QuantSpec, dim: int, clip: torch.Tensor | None = None
+) -> torch.Tensor:
+    """What the GEMM sees of x after quantization, in float32 (any clipping, IQS included).
+
+    clip: as in `quantize` (not for IQS, which has no single clip)."""
     if spec.clipping is Clipping.IQS:
+        if clip is not None:
+            raise ValueError("simulate: the IQS codebook takes no clip")
         return iqs_simulate(x, dim, spec.granularity is Granularity.PER_ROW)
-    return dequantize(*quantize(x, spec, dim))
+    return dequantize(*quantize(x, spec, dim, clip))
 
 
 def _fake_quantized(x: torch.Tensor, spec: QuantSpec | None, dim: int) -> torch.Tensor:

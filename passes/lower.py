@@ -19,6 +19,10 @@ forward graph alone for inference). Each opaque GEMM node becomes what the confi
              (abs, amax, div, round, clamp, to int8), which Inductor fuses into the kernel
              that produces the operand
 
+A `gradq.quantization_stats` (a layer's gradient statistics, `gradq_fx.stats`) becomes
+`ops.stats_reference`, or under `triton` and `fused` `ops.stats_triton` (per-row iqr clips
+from `kernels/iqr.py` instead of the reference's histogram).
+
 A `gradq.conv2d` (a dense convolution's GEMM) becomes `ops.conv_reference` (the integer
 convolution of `kernels/int_mm.py`) or `ops.conv_triton` (the implicit-GEMM kernel of
 `kernels/conv.py`, its operands quantized as `triton` or `fused` say) the same way.
@@ -53,7 +57,14 @@ from torch.fx.operator_schemas import normalize_function
 
 import gradq_fx
 from gradq_fx import fallback, kernels, ops, quantizer
-from gradq_fx.config import Clipping, Fallback, Lowering, decode_operand, operand_bits
+from gradq_fx.config import (
+    Clipping,
+    Fallback,
+    Lowering,
+    QuantSpec,
+    decode_operand,
+    operand_bits,
+)
 
 # What a gradq.mm is lowered to, as the report names it: the resolved `Lowering`'s value
 # ('reference', 'inductor_template', 'triton', 'fused'), or one of these.
@@ -181,6 +192,23 @@ def _patterns(lowering: Lowering, rule: Fallback) -> PatternMatcherPass:
 
         match.replace_by_example(replacement, [a, b, bias])
 
+    names = ("x", "spec", "dim")
+    pattern = CallFunction(
+        torch.ops.gradq.quantization_stats.default, *(KeywordArg(n) for n in names)
+    )
+
+    @register_graph_pattern(pattern, pass_dict=patterns)
+    def _lower_stats(match: Match, x, spec, dim):
+        resolved = resolve(lowering, x.meta["val"].device)
+        kernels_clip = resolved in (Lowering.TRITON, Lowering.FUSED)
+        iqs = QuantSpec.decode(spec).clipping is Clipping.IQS
+        stats = ops.stats_triton if kernels_clip and not iqs else ops.stats_reference
+
+        def replacement(x):
+            return stats(x, spec, dim)
+
+        match.replace_by_example(replacement, [x])
+
     return patterns
 
 
@@ -198,7 +226,8 @@ def _gemm(reference, kernel, lowering: str):
 def run(
     graph: fx.Graph, lowering: Lowering = Lowering.AUTO, rule: Fallback = Fallback.NEVER
 ) -> int:
-    """Replace every gradq.mm and gradq.conv2d in `graph`; return how many were replaced.
+    """Replace every gradq.mm, gradq.conv2d and gradq.quantization_stats in `graph`; return
+    how many were replaced.
 
     rule: the config's `fallback`; SLOWER lowers a GEMM whose INT8 path measures slower than
     float (on CUDA, triton and fused lowerings: `gradq_fx.fallback`) to its float GEMM.

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
-from gradq_fx import quantizer, stats
-from gradq_fx.config import GradQConfig
+from gradq_fx import ops, quantizer, stats
+from gradq_fx.config import GradQConfig, Granularity
 from gradq_fx.ops import quantized_linear
 from gradq_fx.passes.rewrite import site_for
 from tests.conftest import tiny_model
@@ -67,6 +68,44 @@ def test_stats_of_a_compiled_model_cover_every_linear_and_accumulate():
         assert 0 <= layer.relative_error.item() < 0.02
     stats.reset_stats(model)
     assert stats.stats(model) == {}
+
+
+@pytest.mark.parametrize("dim", [-1, -2])
+@pytest.mark.parametrize("granularity", ["per_row", "per_tensor"])
+def test_kernel_clip_stats_equal_the_reference_on_cpu(dim, granularity):
+    # stats_triton takes per-row iqr clips from kernels/iqr.py, whose CPU path is the
+    # reference's clip_value: the same numbers, and the same as the direct formulas.
+    torch.manual_seed(2)
+    g = torch.randn(53, 197) * torch.rand(53, 197).pow(6)
+    g[3] = 0.0  # an all-zero row
+    spec = dataclasses.replace(GradQConfig().gradient, granularity=Granularity(granularity))
+    expected = quantizer.quantization_stats(g, spec, dim)
+    assert torch.equal(ops.stats_triton(g, spec.encode(), dim), expected)
+    assert torch.equal(torch.ops.gradq.quantization_stats(g, spec.encode(), dim), expected)
+    cosine, error = direct_stats(g, quantizer.simulate(g, spec, dim))
+    assert expected.tolist() == pytest.approx([cosine, error, 1.0], rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("lowering", ["triton", "fused"])
+def test_kernel_lowerings_record_the_reference_statistics(lowering):
+    def recorded(options):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, padding=1),  # an implicit GEMM: the convolution's probe
+            torch.nn.Flatten(2),
+            torch.nn.Linear(25, 11),
+        )
+        compiled = torch.compile(model, backend="gradq_eager", options=options)
+        compiled(torch.randn(2, 3, 5, 5)).square().mean().backward()
+        return {name: layer.cosine for name, layer in stats.stats(model).items()}
+
+    expected = recorded({"lowering": "reference"})
+    assert set(expected) == {"0", "2"}
+    actual = recorded({"lowering": lowering})
+    assert actual.keys() == expected.keys()
+    for name, cosine in expected.items():
+        assert torch.equal(actual[name], cosine), name
 
 
 def test_no_probes_without_stats_or_wgrad():
