@@ -12,6 +12,9 @@ to Inductor) for Inductor to compile.
 groups 1, dilation 1, any kernel, stride and padding), lowered to `conv_reference` (the numerics
 of `gradq_fx.quantizer.quantized_conv2d` and its two gradients) or `conv_triton`.
 
+`torch.ops.gradq.quantization_stats` is a layer's gradient statistics (`gradq_fx.stats`) as
+one backward node, lowered to `stats_reference` or `stats_triton` the same way.
+
 `quantized_linear`, `quantized_matmul` and `quantized_conv2d` are what the Dynamo-level
 rewrite calls in place of `F.linear`, `torch.matmul` and `F.conv2d`: autograd functions whose
 forward and backward are `gradq.mm`s (or `gradq.conv2d`s).
