@@ -173,7 +173,9 @@ def stats_reference(x: torch.Tensor, spec: str, dim: int) -> torch.Tensor:
 def stats_triton(x: torch.Tensor, spec: str, dim: int) -> torch.Tensor:
     """`stats_reference`, per-row iqr clips from `kernels/iqr.py` (the rest plain torch, for
     Inductor to fuse into one reduction): the reference IQR's [rows, 640] histogram and
-    [rows, 8, C] candidate scoring would otherwise run again, beside the wgrad's own clip."""
+    [rows, 8, C] candidate scoring would otherwise run again, beside the wgrad's own clip.
+    The clip's input is the wgrad's (dY^T's rows), so the partitioner's CSE keeps one call
+    for both (tests/test_stats.py)."""
     spec_ = QuantSpec.decode(spec)
     clip = None
     if spec_.granularity is Granularity.PER_ROW and spec_.clipping is Clipping.IQR:

@@ -108,6 +108,23 @@ def test_kernel_lowerings_record_the_reference_statistics(lowering):
         assert torch.equal(actual[name], cosine), name
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("lowering", ["triton", "fused"])
+def test_statistics_share_the_wgrads_iqr_clip_in_inductors_code(lowering):
+    """The probe quantizes the same dY^T rows as the wgrad GEMM: the partitioner's CSE keeps
+    one IQR clip for both, so the statistics cost no second clip."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Linear(13, 17), torch.nn.GELU(), torch.nn.Linear(17, 5))
+    x = torch.randn(7, 13, requires_grad=True)
+    compiled = torch.compile(model, backend="gradq", options={"lowering": lowering})
+    _, codes = run_and_get_code(lambda: compiled(x).sum().backward())
+    assert set(stats.stats(model)) == {"0", "2"}
+    # 2 layers x (dgrad's dY rows, wgrad's dY^T rows); the 2 probes add none.
+    assert "\n".join(codes).count("gradq.iqr_clip_rows.default(") == 4
+
+
 def test_no_probes_without_stats_or_wgrad():
     for options in ({"stats": False}, {"wgrad": False}):
         torch._dynamo.reset()
