@@ -1,4 +1,5 @@
-"""Lower every `gradq.mm` and `gradq.conv2d` of the joint graph to its numerics, for Inductor.
+"""Lower every gradq op of the joint graph (`gradq.mm`, `gradq.conv2d`,
+`gradq.quantization_stats`) to its numerics, for Inductor.
 
 Runs as Inductor's joint-graph custom pass (forward + backward before partitioning; the
 forward graph alone for inference). Each opaque GEMM node becomes what the config's
