@@ -268,6 +268,7 @@ def test_each_gemm_names_its_lowering():
     triton = lowerings({"lowering": "triton", "wgrad": False})
     assert {triton[(m, r)] for m in ("0", "2") for r in ("forward", "dgrad")} == {"triton"}
     assert {triton[(m, "wgrad")] for m in ("0", "2")} == {"float matmul"}
+    assert set(lowerings({"lowering": "fused"}).values()) == {"fused"}
     with pytest.raises(ValueError, match="inductor_template.*CUDA"):
         report(model, x, {"lowering": "inductor_template"})
 
