@@ -154,16 +154,23 @@ def _quantize_rows(
 
 
 @torch.library.custom_op("gradq::quantization_stats", mutates_args=())
-def quantization_stats(x: torch.Tensor, spec: str, dim: int) -> torch.Tensor:
-    """`quantizer.quantization_stats` (float32 [3]) as one node of the backward graph, which
-    the lowering pass turns into `stats_reference` or, for the kernel lowerings,
-    `stats_triton`."""
+def quantization_stats(x: torch.Tensor, spec: str, dim: int, module: str) -> torch.Tensor:
+    """`quantizer.quantization_stats` (float32 [3]) of `module`'s wgrad gradient x as one node
+    of the backward graph, which the lowering pass turns into `stats_reference`, for the
+    kernel lowerings `stats_triton`, or `stats_exact` where that wgrad falls back to float."""
     return stats_reference(x, spec, dim)
 
 
 @quantization_stats.register_fake
-def _(x, spec, dim):
+def _(x, spec, dim, module):
     return x.new_empty((3,), dtype=torch.float32)
+
+
+def stats_exact(x: torch.Tensor, spec: str, dim: int) -> torch.Tensor:
+    """The statistics of a gradient used as it is (cosine 1, error 0): a wgrad GEMM that
+    fell back to float (`gradq_fx.fallback`) quantizes nothing."""
+    one = x.new_ones((), dtype=torch.float32)
+    return torch.stack([one, one * 0, one])
 
 
 def stats_reference(x: torch.Tensor, spec: str, dim: int) -> torch.Tensor:
@@ -368,7 +375,9 @@ class _QuantizedMatmul(torch.autograd.Function):
         if ctx.has_probe and ctx.needs_input_grad[4]:
             # The probe's "gradient" is the statistics of dY's quantization in wgrad: it
             # reaches probe.grad on the device, with no host synchronisation.
-            grad_probe = torch.ops.gradq.quantization_stats(grad_out, site.dgrad_b[1], -2)
+            grad_probe = torch.ops.gradq.quantization_stats(
+                grad_out, site.dgrad_b[1], -2, site.module
+            )
         return grad_a, grad_b, grad_bias, None, grad_probe
 
 
@@ -437,7 +446,7 @@ class _QuantizedConv2d(torch.autograd.Function):
         if ctx.has_probe and ctx.needs_input_grad[6]:
             # dY's quantization in wgrad: one slice per output channel (or the tensor).
             rows = grad_out.transpose(0, 1).reshape(grad_out.shape[1], -1)
-            grad_probe = torch.ops.gradq.quantization_stats(rows, site.dgrad_b[1], -1)
+            grad_probe = torch.ops.gradq.quantization_stats(rows, site.dgrad_b[1], -1, site.module)
         return grad_x, grad_w, grad_bias, None, None, None, grad_probe
 
 

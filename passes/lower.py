@@ -63,6 +63,7 @@ from gradq_fx.config import (
     Fallback,
     Lowering,
     QuantSpec,
+    Role,
     decode_operand,
     operand_bits,
 )
@@ -79,6 +80,10 @@ LSQ_LOWERING = "LSQ fake-quant"
 # A GEMM whose INT8 path measured slower than its float GEMM (`gradq_fx.fallback`), named with
 # the measured ratio: "float fallback (INT8 0.62x)".
 FALLBACK_LOWERING = "float fallback"
+
+STATS = torch.ops.gradq.quantization_stats.default
+# Set by `_mark_exact_stats` on a statistics node whose module's wgrad falls back to float.
+EXACT_STATS = "gradq_exact_stats"
 
 
 def resolve(lowering: Lowering, device: torch.device) -> Lowering:
@@ -193,17 +198,17 @@ def _patterns(lowering: Lowering, rule: Fallback) -> PatternMatcherPass:
 
         match.replace_by_example(replacement, [a, b, bias])
 
-    names = ("x", "spec", "dim")
-    pattern = CallFunction(
-        torch.ops.gradq.quantization_stats.default, *(KeywordArg(n) for n in names)
-    )
+    names = ("x", "spec", "dim", "module")
+    pattern = CallFunction(STATS, *(KeywordArg(n) for n in names))
 
     @register_graph_pattern(pattern, pass_dict=patterns)
-    def _lower_stats(match: Match, x, spec, dim):
+    def _lower_stats(match: Match, x, spec, dim, module):
         resolved = resolve(lowering, x.meta["val"].device)
         kernels_clip = resolved in (Lowering.TRITON, Lowering.FUSED)
         iqs = QuantSpec.decode(spec).clipping is Clipping.IQS
         stats = ops.stats_triton if kernels_clip and not iqs else ops.stats_reference
+        if match.output_node().meta.get(EXACT_STATS):
+            stats = ops.stats_exact
 
         def replacement(x):
             return stats(x, spec, dim)
@@ -233,9 +238,27 @@ def run(
     rule: the config's `fallback`; SLOWER lowers a GEMM whose INT8 path measures slower than
     float (on CUDA, triton and fused lowerings: `gradq_fx.fallback`) to its float GEMM.
     """
+    if rule is Fallback.SLOWER:
+        _mark_exact_stats(graph, lowering, rule)
     count = _patterns(lowering, rule).apply(graph)
     graph.lint()
     return count
+
+
+def _mark_exact_stats(graph: fx.Graph, lowering: Lowering, rule: Fallback) -> None:
+    """Mark the statistics of each module whose wgrad GEMM falls back to float: that gradient
+    is used as it is, so its statistics are exact (`ops.stats_exact`), and the adaptive
+    learning rate leaves the layer alone. Decided before any GEMM is lowered."""
+    wgrads = {}
+    for target in (torch.ops.gradq.mm.default, torch.ops.gradq.conv2d.default):
+        for node in graph.find_nodes(op="call_function", target=target):
+            arguments = arguments_of(node)
+            if arguments["role"] == Role.WGRAD.value:
+                wgrads[arguments["module"]] = node
+    for node in graph.find_nodes(op="call_function", target=STATS):
+        wgrad = wgrads.get(arguments_of(node)["module"])
+        if wgrad is not None and falls_back(node_lowering(wgrad, lowering, rule)):
+            node.meta[EXACT_STATS] = True
 
 
 def source_files() -> list[Path]:

@@ -13,7 +13,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-from gradq_fx import fallback, ops
+from gradq_fx import fallback, ops, stats
 from gradq_fx.config import QuantSpec
 from gradq_fx.passes import lower
 from gradq_fx.report import report
@@ -157,6 +157,16 @@ def test_slow_gemms_become_the_float_gemms_they_replace(slow_first_layer, loweri
     assert asked >= {("0", "forward"), ("0", "wgrad"), ("2", "forward"), ("2", "dgrad")}
 
 
+def test_a_fallen_back_wgrad_records_exact_statistics(slow_first_layer):
+    # Layer "0"'s wgrad runs in float: its gradient is used as it is (cosine 1, error 0), and
+    # the adaptive learning rate leaves the layer alone. Layer "2" records its quantization's.
+    model = mlp()
+    train_step(model, torch.randn(7, 13), {"lowering": "triton"})
+    recorded = stats.stats(model)
+    assert (recorded["0"].cosine.item(), recorded["0"].relative_error.item()) == (1.0, 0.0)
+    assert 0.9 < recorded["2"].cosine.item() < 1.0 and recorded["2"].relative_error.item() > 0
+
+
 def test_lowered_graph_keeps_int8_kernels_for_the_fast_gemms(slow_first_layer):
     from gradq_fx.config import Fallback, GradQConfig, Lowering
     from gradq_fx.report import _capture
@@ -212,10 +222,11 @@ def test_measuring_inside_inductors_joint_pass(monkeypatch):
     On the CPU `speedup` never measures; here it is made to, and then to condemn module "0",
     so that Inductor's code holds gradq's INT8 kernel for layer "2" only.
     """
-    measured = []
+    measured = {}
 
     def speedup(target, arguments):
-        measured.append(fallback.measure(target, arguments))
+        gemm = (arguments["module"], arguments["role"])
+        measured[gemm] = fallback.measure(target, arguments)
         return 0.5 if arguments["module"] == "0" else 2.0
 
     monkeypatch.setattr(fallback, "speedup", speedup)
@@ -225,6 +236,7 @@ def test_measuring_inside_inductors_joint_pass(monkeypatch):
     model, x = mlp(), torch.randn(7, 13, requires_grad=True)
     compiled = torch.compile(model, backend="gradq", options={"lowering": "triton"})
     _, codes = run_and_get_code(lambda: compiled(x).sum().backward())
-    assert len(measured) == 6 and all(r > 0 and math.isfinite(r) for r in measured)
+    assert len(measured) == 6  # 2 layers x (forward, dgrad, wgrad)
+    assert all(r > 0 and math.isfinite(r) for r in measured.values())
     code = "\n".join(codes)
     assert code.count("gradq.int8_scaled_mm.default(") == 3  # layer "2": forward, dgrad, wgrad

@@ -81,7 +81,7 @@ def test_kernel_clip_stats_equal_the_reference_on_cpu(dim, granularity):
     spec = dataclasses.replace(GradQConfig().gradient, granularity=Granularity(granularity))
     expected = quantizer.quantization_stats(g, spec, dim)
     assert torch.equal(ops.stats_triton(g, spec.encode(), dim), expected)
-    assert torch.equal(torch.ops.gradq.quantization_stats(g, spec.encode(), dim), expected)
+    assert torch.equal(torch.ops.gradq.quantization_stats(g, spec.encode(), dim, "fc"), expected)
     cosine, error = direct_stats(g, quantizer.simulate(g, spec, dim))
     assert expected.tolist() == pytest.approx([cosine, error, 1.0], rel=1e-4, abs=1e-6)
 
