@@ -186,7 +186,7 @@ def stats_triton(x: torch.Tensor, spec: str, dim: int) -> torch.Tensor:
     spec_ = QuantSpec.decode(spec)
     clip = None
     if spec_.granularity is Granularity.PER_ROW and spec_.clipping is Clipping.IQR:
-        clip = iqr_kernel.iqr_clip_rows(x.movedim(dim, -1).reshape(-1, x.shape[dim]), spec_.bits)
+        clip = iqr_kernel.iqr_clip_rows(quantizer.as_rows(x, dim, per_row=True), spec_.bits)
     return quantizer.quantization_stats(x, spec_, dim, clip)
 
 

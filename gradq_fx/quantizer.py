@@ -43,7 +43,7 @@ IQR_NUM_BINS = IQR_BINS_PER_OCTAVE * IQR_OCTAVES
 IQR_COSINE_TIE = 1e-6
 
 
-def _as_rows(x: torch.Tensor, dim: int, per_row: bool) -> torch.Tensor:
+def as_rows(x: torch.Tensor, dim: int, per_row: bool) -> torch.Tensor:
     """View x as [rows, reduced] with `dim` reduced: per row, or the whole tensor as one row."""
     if not per_row:
         return x.reshape(1, -1)
@@ -51,7 +51,7 @@ def _as_rows(x: torch.Tensor, dim: int, per_row: bool) -> torch.Tensor:
 
 
 def _from_rows(stat: torch.Tensor, x: torch.Tensor, dim: int, per_row: bool) -> torch.Tensor:
-    """Inverse of `_as_rows` for a per-row statistic: a tensor broadcastable against x."""
+    """Inverse of `as_rows` for a per-row statistic: a tensor broadcastable against x."""
     if not per_row:
         return stat.reshape([1] * x.dim())
     shape = list(x.movedim(dim, -1).shape)
@@ -142,12 +142,12 @@ def quantize(
         raise ValueError("quantize: the IQS codebook has no integer form; use simulate()")
     per_row = spec.granularity is Granularity.PER_ROW
     x32 = x.float()
-    rows = _as_rows(x32, dim, per_row)
+    rows = as_rows(x32, dim, per_row)
     clip = clip_value(rows, spec) if clip is None else clip.reshape(-1)
     scale = _from_rows(_safe_scale(clip, spec.qmax), x32, dim, per_row)
     q = _round(x32 / scale, spec.rounding).clamp(-spec.qmax, spec.qmax)
     if spec.scaling:
-        scale = _from_rows(least_squares_scale(rows, _as_rows(q, dim, per_row)), x32, dim, per_row)
+        scale = _from_rows(least_squares_scale(rows, as_rows(q, dim, per_row)), x32, dim, per_row)
     return q.to(torch.int8), scale
 
 
@@ -212,7 +212,7 @@ def iqs_codebook(rows: torch.Tensor) -> torch.Tensor:
 def iqs_simulate(x: torch.Tensor, dim: int, per_row: bool) -> torch.Tensor:
     """x rounded to the nearest level of its IQS codebook (float32, x's shape)."""
     x32 = x.float()
-    rows = _as_rows(x32, dim, per_row)
+    rows = as_rows(x32, dim, per_row)
     levels = iqs_codebook(rows)
     midpoints = (levels[:, 1:] + levels[:, :-1]) / 2
     index = torch.searchsorted(midpoints, rows.contiguous())

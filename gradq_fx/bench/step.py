@@ -197,7 +197,10 @@ def run_setting(
     ms = Summary.of(samples)
     say(f"{setting.name}: {ms.median:.2f} ms/step")
     saved = saved_bytes(timed_step, exclude=model.parameters())  # after timing: no hook there
-    timed_gemms = tuple(dataclasses.asdict(m) for m in fallback.measurements())
+    # Only gradq settings reset and fill the fallback's measurements.
+    timed_gemms = ()
+    if counter is not None:
+        timed_gemms = tuple(dataclasses.asdict(m) for m in fallback.measurements())
     return SettingResult(
         setting=setting.name,
         samples_ms=tuple(samples),
@@ -209,7 +212,7 @@ def run_setting(
         compile_s=(first_ms - ms.median) / 1e3 if setting.compiler else None,
         final_loss=last_loss[0].item(),
         rewritten_ops=counter.rewritten if counter is not None else None,
-        gemm_speedups=timed_gemms if counter is not None else (),
+        gemm_speedups=timed_gemms,
     )
 
 

@@ -13,12 +13,16 @@ from gradq_fx.passes import lower
 from gradq_fx.report import _capture
 
 
+def two_linears() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(13, 17), torch.nn.GELU(), torch.nn.Linear(17, 5))
+
+
 def count(graph, target) -> int:
     return sum(1 for n in graph.nodes if n.op == "call_function" and n.target == target)
 
 
 def test_lowers_every_gradq_gemm_of_the_joint_graph():
-    model = torch.nn.Sequential(torch.nn.Linear(13, 17), torch.nn.GELU(), torch.nn.Linear(17, 5))
+    model = two_linears()
     config = GradQConfig.from_options({"wgrad": False})
     x = torch.randn(7, 13, requires_grad=True)  # so the first layer has a dgrad too
     (captured,) = _capture(model, (x,), config, training=True)
@@ -70,7 +74,7 @@ def lowered_graph(model, x, options, lowering: Lowering):
 
 
 def test_triton_lowering_puts_the_fused_kernels_in_the_graph():
-    model = torch.nn.Sequential(torch.nn.Linear(13, 17), torch.nn.GELU(), torch.nn.Linear(17, 5))
+    model = two_linears()
     x = torch.randn(7, 13, requires_grad=True)
     graph = lowered_graph(model, x, {}, Lowering.TRITON)
     # 2 layers x (forward, dgrad, wgrad) = 6 GEMMs, each quantizing both of its operands.
@@ -83,7 +87,7 @@ def test_triton_lowering_puts_the_fused_kernels_in_the_graph():
 
 
 def test_fused_lowering_leaves_the_quantize_to_inductor():
-    model = torch.nn.Sequential(torch.nn.Linear(13, 17), torch.nn.GELU(), torch.nn.Linear(17, 5))
+    model = two_linears()
     x = torch.randn(7, 13, requires_grad=True)
     graph = lowered_graph(model, x, {}, Lowering.FUSED)
     assert count(graph, torch.ops.gradq.int8_scaled_mm.default) == 6
