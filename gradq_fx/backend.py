@@ -2,34 +2,67 @@
 
 `torch.compile(model, backend="gradq", options={...})` finds `gradq_backend` through the
 `torch_dynamo_backends` entry point (pyproject.toml); nothing registers it on import.
+
+For scripts that can only name the backend (timm's `train.py --torchcompile gradq`):
+- `GRADQ_OPTIONS`, a JSON object of gradq's options, applies under the options `torch.compile`
+  passes (those win, key by key);
+- every compiled graph logs one INFO line on the `gradq_fx` logger (what was rewritten, the
+  INT8 share of GEMM FLOPs per role, the lowering, what stays float), and a WARNING line
+  naming the matmul-like ops gradq cannot rewrite, if any;
+- `GRADQ_REPORT=DIR` writes each compiled graph's full report into DIR (text and JSON).
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import fx
 
+from gradq_fx import report
 from gradq_fx.config import GradQConfig, Lowering
-from gradq_fx.passes import annotate, lower, rewrite
-from gradq_fx.passes.annotate import Decision
+from gradq_fx.passes import lower, prepare
+
+log = logging.getLogger("gradq_fx")
+
+OPTIONS_VARIABLE = "GRADQ_OPTIONS"
+REPORT_VARIABLE = "GRADQ_REPORT"
+
+
+def environment_options() -> dict[str, Any]:
+    """The options of `GRADQ_OPTIONS` (empty when it is unset), checked: a ValueError names the
+    variable, and the key where a value is bad."""
+    text = os.environ.get(OPTIONS_VARIABLE, "").strip()
+    if not text:
+        return {}
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as error:
+        message = f"{OPTIONS_VARIABLE} must be a JSON object of gradq options: {error}"
+        raise ValueError(message) from None
+    if not isinstance(options, dict):
+        raise ValueError(f"{OPTIONS_VARIABLE} must be a JSON object of gradq options, got {text!r}")
+    try:
+        GradQConfig.from_options(options)
+    except ValueError as error:
+        raise ValueError(f"{OPTIONS_VARIABLE}: {error}") from None
+    return options
 
 
 def to_config(options: GradQConfig | Mapping[str, Any] | None) -> GradQConfig:
+    """The config a compile runs with: a GradQConfig as given, or the options dict over
+    `GRADQ_OPTIONS` (the dict's keys win)."""
     if isinstance(options, GradQConfig):
         return options
     if options is not None and not isinstance(options, Mapping):
-        raise ValueError(f"options must be a dict or a GradQConfig, got {type(options).__name__}")
-    return GradQConfig.from_options(options)
-
-
-def prepare(gm: fx.GraphModule, config: GradQConfig) -> list[Decision]:
-    """Annotate and rewrite Dynamo's graph in place; return one decision per matmul-like op."""
-    decisions = annotate.run(gm, config)
-    rewrite.run(gm, config)
-    return decisions
+        GradQConfig.coerce(options)  # raises its ValueError
+    return GradQConfig.coerce({**environment_options(), **(options or {})})
 
 
 def example_device(example_inputs: Sequence[Any]) -> torch.device:
@@ -40,16 +73,87 @@ def example_device(example_inputs: Sequence[Any]) -> torch.device:
     return torch.device("cpu")
 
 
+class Observer:
+    """What one compile of one Dynamo graph rewrote: the lowering pass shows it each graph it
+    lowers (before lowering), and `announce` logs and writes the report of the graph
+    AOTAutograd derived from the Dynamo graph (not those Inductor compiles for the bodies of
+    higher-order ops, which it may lower first)."""
+
+    def __init__(self, gm: fx.GraphModule, example_inputs, decisions, config: GradQConfig):
+        # After the rewrite: its statistics probes, registered on gm, are the first primals.
+        self.is_parameter = report.primal_parameters(gm, example_inputs)
+        self.decisions = decisions
+        self.config = config
+        # AOTAutograd derives a joint graph exactly when this holds (else an inference graph).
+        tensors = [*gm.parameters(), *(t for t in example_inputs if isinstance(t, torch.Tensor))]
+        self.training = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+        self.report: report.Report | None = None
+
+    def __call__(self, graph: fx.GraphModule) -> None:
+        if self.report is not None:
+            return
+        captured = report.Captured.of(graph, self.is_parameter, self.decisions)
+        inputs = [n for n in graph.graph.find_nodes(op="placeholder") if "tangents" not in n.name]
+        if (captured.num_forward_outputs is not None) != self.training or len(inputs) != len(
+            self.is_parameter
+        ):
+            return  # a body Inductor compiles on its own
+        self.report = report.analyse([captured], self.config, self.training)
+
+    def announce(self) -> None:
+        name = _graph_name()
+        if self.report is None:
+            log.info(
+                "gradq: graph %s came from the compile cache, compiled with the same "
+                "rewrite (its report is written when it compiles: %s=DIR with a cleared cache)",
+                name,
+                REPORT_VARIABLE,
+            )
+            return
+        mode = "training" if self.report.training else "inference"
+        log.info("gradq: graph %s (%s): %s", name, mode, self.report.summary())
+        warning = self.report.warning()
+        if warning is not None:
+            log.warning("gradq: graph %s: %s", name, warning)
+        folder = os.environ.get(REPORT_VARIABLE)
+        if folder:
+            write_report(self.report, Path(folder), name)
+
+
+def _graph_name() -> str:
+    """Dynamo's id of the graph being compiled ("0/0": frame 0, first compile), with the
+    process's rank under torch.distributed ("0/0 rank 1")."""
+    compile_id = torch._guards.CompileContext.current_compile_id()
+    name = str(compile_id) if compile_id is not None else "?"
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        name += f" rank {torch.distributed.get_rank()}"
+    return name
+
+
+def write_report(found: report.Report, folder: Path, name: str) -> list[Path]:
+    """Write a graph's report as DIR/gradq-<name>.txt and .json; return the two paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = "gradq-" + re.sub(r"[^0-9A-Za-z]+", "-", name).strip("-")
+    paths = [folder / f"{stem}.txt", folder / f"{stem}.json"]
+    paths[0].write_text(found.to_text() + "\n", encoding="utf-8")
+    paths[1].write_text(found.to_json() + "\n", encoding="utf-8")
+    log.info("gradq: graph %s: report written to %s", name, paths[0])
+    return paths
+
+
 def inductor_patches(
-    config: GradQConfig, device: torch.device, mode: str | None = None
+    config: GradQConfig,
+    device: torch.device,
+    mode: str | None = None,
+    observer: Observer | None = None,
 ) -> dict[str, Any]:
     """Inductor config for gradq: its joint-graph pass, plus what `mode` and the lowering ask."""
     patches = dict(torch._inductor.list_mode_options(mode)) if mode else {}
     lowering = lower.resolve(config.lowering, device)  # raises for a lowering the device lacks
-    patches["joint_custom_post_pass"] = lower.LowerPass(lowering, config.fallback)
+    patches["joint_custom_post_pass"] = lower.LowerPass(lowering, config.fallback, observer)
     if lowering is Lowering.INDUCTOR_TEMPLATE:
-        # Only Inductor's Triton template fuses the dequantize into the int8 GEMM's epilogue
-        # (torch-compile-notes.md); cuBLAS would leave it a separate pass over int32.
+        # Only Inductor's Triton template fuses the dequantize into the int8 GEMM's epilogue;
+        # cuBLAS would leave it a separate pass over int32.
         patches.update(max_autotune_gemm=True, max_autotune_gemm_backends="TRITON")
     return patches
 
@@ -64,9 +168,13 @@ def gradq_backend(
     from torch._inductor.compile_fx import compile_fx
 
     config = to_config(options)
-    patches = inductor_patches(config, example_device(example_inputs), mode)
-    prepare(gm, config)
-    return compile_fx(gm, example_inputs, config_patches=patches)
+    device = example_device(example_inputs)
+    lower.resolve(config.lowering, device)  # fail before rewriting anything
+    observer = Observer(gm, example_inputs, prepare(gm, config), config)
+    patches = inductor_patches(config, device, mode, observer)
+    compiled = compile_fx(gm, example_inputs, config_patches=patches)
+    observer.announce()
+    return compiled
 
 
 def gradq_eager_backend(
@@ -84,9 +192,10 @@ def gradq_eager_backend(
 
     config = to_config(options)
     lowering = lower.resolve(config.lowering, example_device(example_inputs))
-    prepare(gm, config)
+    observer = Observer(gm, example_inputs, prepare(gm, config), config)
 
     def lowered(graph: fx.GraphModule) -> fx.GraphModule:
+        observer(graph)
         lower.run(graph.graph, lowering, config.fallback)
         graph.recompile()
         return graph
@@ -94,7 +203,7 @@ def gradq_eager_backend(
     def partition(joint, joint_inputs, **kwargs):
         return default_partition(lowered(joint), joint_inputs, **kwargs)
 
-    return aot_module_simplified(
+    compiled = aot_module_simplified(
         gm,
         example_inputs,
         fw_compiler=lambda graph, _inputs: make_boxed_func(graph.forward),
@@ -103,6 +212,8 @@ def gradq_eager_backend(
         partition_fn=partition,
         decompositions=select_decomp_table(),
     )
+    observer.announce()
+    return compiled
 
 
 def compile(

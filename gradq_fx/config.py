@@ -178,10 +178,11 @@ class GradQConfig:
       (forward) and dY (dgrad) per image, since a per-pixel scale would vary along the
       kernel window (`quantizer`'s convolution section). Depthwise, grouped and dilated
       convolutions stay float, and the report says why (`passes.annotate`).
-    - `stats`: each quantized Linear records how well its wgrad gradient survives quantization
-      (cosine, relative error; `gradq_fx.stats`), which the adaptive learning rate reads. It
-      costs one more quantization of dY (its per-row iqr clip from `kernels/iqr.py` under the
-      triton and fused lowerings: `ops.stats_triton`).
+    - `stats` off: each quantized Linear can record how well its wgrad gradient survives
+      quantization (cosine, relative error; `gradq_fx.stats`), which the adaptive learning
+      rate reads. It costs one more quantization of dY per layer and step (its per-row iqr
+      clip from `kernels/iqr.py` under the triton and fused lowerings: `ops.stats_triton`),
+      so only those who ask for it (GradQ-ViT's adaptive learning rate) pay for it.
     - `lowering` auto: gradq's fused Triton kernels on CUDA. On an H100 a hand-written Triton
       INT8 GEMM with the scales in its epilogue ran at 1.10x to 1.26x of bf16 where Inductor's
       own lowering of the same numerics ran at 0.34x to 0.50x (torch-compile-notes.md).
@@ -200,7 +201,7 @@ class GradQConfig:
     attention: Attention = Attention.FLOAT
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
-    stats: bool = True
+    stats: bool = False
     lowering: Lowering = Lowering.AUTO
     convolutions: bool = True
     fallback: Fallback = Fallback.SLOWER
@@ -222,6 +223,17 @@ class GradQConfig:
             value = getattr(self, name)
             if not isinstance(value, tuple) or not all(isinstance(p, str) for p in value):
                 raise ValueError(f"{name} must be a tuple of glob strings, got {value!r}")
+
+    @classmethod
+    def coerce(cls, options: GradQConfig | Mapping[str, Any] | None) -> GradQConfig:
+        """A GradQConfig as is, or one built from an options dict (None: the defaults)."""
+        if isinstance(options, GradQConfig):
+            return options
+        if options is not None and not isinstance(options, Mapping):
+            raise ValueError(
+                f"options must be a dict or a GradQConfig, got {type(options).__name__}"
+            )
+        return cls.from_options(options)
 
     def quantizes(self, role: Role) -> bool:
         return {Role.FORWARD: self.forward, Role.DGRAD: self.dgrad, Role.WGRAD: self.wgrad}[role]

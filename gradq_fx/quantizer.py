@@ -11,6 +11,13 @@ Semantics of a quantized GEMM out = a @ b, a [..., M, K], b [..., K, N]:
   acc     = q_a @ q_b          exact, in int32
   out     = (float32(acc) * scale_a * scale_b + bias)  cast to a's dtype
 A slice that is all zeros gets scale 1 (and quantizes to zeros).
+
+Non-finite values behave as in float. A slice holding a NaN or an Inf has a clipping value
+that is not finite (absmax, and the iqr fence capped at it, propagate both), and such a clip
+makes the slice's scale NaN (`scale_of`) and its codes 0 (`codes`): every output the slice
+feeds is NaN, which covers every output float makes non-finite from it (a row of the output
+per row of a, a column per column of b, the whole output per tensor). fp16 loss scaling
+(`torch.amp.GradScaler`) finds overflow by exactly this; a finite stand-in would hide it.
 """
 
 from __future__ import annotations
@@ -96,6 +103,23 @@ def _round(x: torch.Tensor, rounding: Rounding) -> torch.Tensor:
     return torch.floor(x + torch.rand_like(x))
 
 
+def codes(v: torch.Tensor, rounding: Rounding, qmax: int) -> torch.Tensor:
+    """The integer codes clamp(round(v), -qmax, qmax) of v = x / scale, as float32; 0 where v
+    is NaN (a slice whose scale is NaN: what it feeds is NaN whatever its codes)."""
+    return torch.nan_to_num(_round(v, rounding).clamp(-qmax, qmax), nan=0.0)
+
+
+def keep_nonfinite(scale: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
+    """scale where the slice's clip is finite, NaN where it is not (module docstring)."""
+    return torch.where(torch.isfinite(clip), scale, torch.nan)
+
+
+def scale_of(clip: torch.Tensor, qmax: int) -> torch.Tensor:
+    """The scale of slices clipped at `clip`: clip / qmax; 1 for an all-zero slice (clip 0);
+    NaN where the clip is not finite."""
+    return keep_nonfinite(torch.where(clip > 0, clip / qmax, 1.0), clip)
+
+
 def clip_value(rows: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """The clipping magnitude of each row of `rows` ([R, C] float32) -> [R]."""
     amax = rows.abs().amax(dim=1)
@@ -113,7 +137,7 @@ def clip_value(rows: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     # Score every candidate at once ([R, F, C], one fused reduction under Inductor) by the
     # cosine of nearest rounding, so the choice is deterministic even when the final rounding
     # is stochastic.
-    scale = _safe_scale(candidates, spec.qmax)[:, :, None]
+    scale = scale_of(candidates, spec.qmax)[:, :, None]
     restored = torch.round(rows[:, None, :] / scale).clamp(-spec.qmax, spec.qmax) * scale
     dot = (rows[:, None, :] * restored).sum(dim=2)
     cosine = dot / (rows.norm(dim=1, keepdim=True) * restored.norm(dim=2)).clamp_min(1e-30)
@@ -122,10 +146,6 @@ def clip_value(rows: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     near_best = cosine >= cosine.amax(dim=1, keepdim=True) - IQR_COSINE_TIE
     first = near_best.float().argmax(dim=1, keepdim=True)
     return candidates.gather(1, first).squeeze(1)
-
-
-def _safe_scale(clip: torch.Tensor, qmax: int) -> torch.Tensor:
-    return torch.where(clip > 0, clip / qmax, torch.ones_like(clip))
 
 
 def quantize(
@@ -144,10 +164,11 @@ def quantize(
     x32 = x.float()
     rows = as_rows(x32, dim, per_row)
     clip = clip_value(rows, spec) if clip is None else clip.reshape(-1)
-    scale = _from_rows(_safe_scale(clip, spec.qmax), x32, dim, per_row)
-    q = _round(x32 / scale, spec.rounding).clamp(-spec.qmax, spec.qmax)
+    scale = _from_rows(scale_of(clip, spec.qmax), x32, dim, per_row)
+    q = codes(x32 / scale, spec.rounding, spec.qmax)
     if spec.scaling:
-        scale = _from_rows(least_squares_scale(rows, as_rows(q, dim, per_row)), x32, dim, per_row)
+        fitted = keep_nonfinite(least_squares_scale(rows, as_rows(q, dim, per_row)), clip)
+        scale = _from_rows(fitted, x32, dim, per_row)
     return q.to(torch.int8), scale
 
 
@@ -168,15 +189,16 @@ def quantization_stats(
     """[cos(x, x_q), ||x - x_q||^2 / ||x||^2, 1] for x_q = dequantize(quantize(x, spec, dim)).
 
     The trailing 1 counts: summed over steps (as gradients accumulate) the vector holds the
-    totals and the number of steps. An all-zero x counts as cosine 1, error 0. clip: as in
-    `quantize`.
+    totals and the number of steps. An all-zero x counts as cosine 1, error 0; an x holding a
+    NaN or an Inf gives NaN. clip: as in `quantize`.
     """
     x32 = x.float()
     restored = simulate(x, spec, dim, clip)
     norms = x32.norm() * restored.norm()
     energy = x32.square().sum()
-    cosine = torch.where(norms > 0, (x32 * restored).sum() / norms, 1.0)
-    error = torch.where(energy > 0, (x32 - restored).square().sum() / energy, 0.0)
+    # Only an all-zero x is exact by convention: a NaN or Inf in x gives NaN statistics.
+    cosine = torch.where(norms == 0, 1.0, (x32 * restored).sum() / norms)
+    error = torch.where(energy == 0, 0.0, (x32 - restored).square().sum() / energy)
     return torch.stack([cosine, error, torch.ones_like(cosine)])
 
 
@@ -216,7 +238,10 @@ def iqs_simulate(x: torch.Tensor, dim: int, per_row: bool) -> torch.Tensor:
     levels = iqs_codebook(rows)
     midpoints = (levels[:, 1:] + levels[:, :-1]) / 2
     index = torch.searchsorted(midpoints, rows.contiguous())
-    nearest = levels.gather(1, index)
+    # A row holding a NaN or an Inf has non-finite extreme levels (its min and max): the row
+    # comes out NaN, as a uniform grid's would (module docstring).
+    finite = torch.isfinite(levels[:, :1]) & torch.isfinite(levels[:, -1:])
+    nearest = torch.where(finite, levels.gather(1, index), torch.nan)
     if not per_row:
         return nearest.reshape(x32.shape)
     return nearest.reshape(x32.movedim(dim, -1).shape).movedim(-1, dim)
@@ -540,7 +565,10 @@ def lsq_forward(
     rule of its own: `LSQFakeQuantize` and the `gradq::lsq_fake_quantize` op add LSQ's)."""
     codes = _lsq_round(_lsq_ratio(x, scale, offset), low, high)
     restored = codes * scale.clamp_min(LSQ_MIN_STEP)
-    return (restored if offset is None else restored + offset).to(x.dtype)
+    restored = restored if offset is None else restored + offset
+    # Clamping would turn an Inf into the top level: non-finite values pass as they are, as
+    # they would without the quantizer (module docstring).
+    return torch.where(torch.isfinite(x), restored, x.float()).to(x.dtype)
 
 
 def lsq_backward(
@@ -557,7 +585,9 @@ def lsq_backward(
     codes = _lsq_round(ratio, low, high)
     inside = (ratio > low) & (ratio < high)
     grad = grad_output.float()
-    grad_x = torch.where(inside, grad, 0.0).to(x.dtype)
+    # A non-finite gradient passes the clipped elements too: an overflow must reach x's
+    # gradient wherever float's would (fp16 loss scaling looks for it there).
+    grad_x = torch.where(inside | ~torch.isfinite(grad), grad, 0.0).to(x.dtype)
     # round(v) - v inside; the clamped code (low or high) outside.
     step_slope = codes - torch.where(inside, ratio, 0.0)
     grad_scale = (grad * step_slope).sum_to_size(scale.shape) * step_grad_scale
@@ -684,7 +714,7 @@ def lsq_init_weight_scale(
     _, high = lsq_bounds(bits, signed=True)
     with torch.no_grad():
         rows = _lsq_rows(weight.float(), per_channel)
-        absmax_scale = _safe_scale(rows.abs().amax(dim=1), high)
+        absmax_scale = scale_of(rows.abs().amax(dim=1), high)
         best_scale, best_error = absmax_scale, None
         for start in range(LSQ_INIT_STARTS):
             scale = _lsq_fixed_point(rows, absmax_scale * 2.0**-start, bits, max_iterations)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import operator
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -23,11 +24,16 @@ import networkx as nx
 import torch
 from tabulate import tabulate
 from torch import fx
-from torch.utils.flop_counter import conv_flop_count, flop_registry
+from torch.utils.flop_counter import (
+    conv_flop_count,
+    flop_registry,
+    sdpa_backward_flop_count,
+    sdpa_flop_count,
+)
 
-from gradq_fx.backend import prepare, to_config
 from gradq_fx.config import GradQConfig, Granularity, Role, decode_operand, operand_bits
-from gradq_fx.passes.annotate import Decision, module_path
+from gradq_fx.passes import prepare
+from gradq_fx.passes.annotate import Decision, Reason, module_path
 from gradq_fx.passes.lower import (
     FLOAT_LOWERING,
     LSQ_LOWERING,
@@ -36,6 +42,7 @@ from gradq_fx.passes.lower import (
     node_lowering,
     runs_in_int8,
 )
+from gradq_fx.passes.subgraphs import body_nodes, float_reason, hop_name, is_hop
 from gradq_fx.quantizer import conv2d_scale_groups
 
 aten = torch.ops.aten
@@ -47,6 +54,11 @@ _FLOP_ALIASES = {
         aten._scaled_dot_product_flash_attention_backward
     ),
 }
+# Flex attention's two higher-order ops, counted here as dense attention (QK^T and PV, and
+# their gradients), whatever their masks skip: torch's FLOP counter knows them from 2.13 on,
+# not before, and one formula keeps the report the same on every version.
+_FLEX_FORWARD = torch.ops.higher_order.flex_attention
+_FLEX_BACKWARD = torch.ops.higher_order.flex_attention_backward
 # Layout and dtype changes: a backward GEMM whose result reaches a weight's gradient through
 # these alone is a wgrad. (Not add or sum: the residual stream's gradient reaches the
 # positional embedding's gradient through them, which does not make every dgrad a wgrad.)
@@ -57,20 +69,24 @@ _PASSTHROUGH = {
 }  # fmt: skip
 
 
-def _not_int8_reason(lowering: str, role: str) -> str:
-    """Why a gradq GEMM with this lowering (`lowering_of`) does not run in INT8."""
+def _not_int8_reason(lowering: str, role: str) -> tuple[str, Reason]:
+    """Why a gradq GEMM with this lowering (`lowering_of`) does not run in INT8, and the kind of
+    reason: the options' (a disabled role, IQS, fake quantization) or the fallback rule's."""
     if lowering == FLOAT_LOWERING:
-        return f"{role} disabled by config ({role}=False)"
+        return f"{role} disabled by config ({role}=False)", Reason.CONFIG
     if lowering == SIMULATED_LOWERING:
-        return "IQS codebook: simulated (decoded operands, float GEMM)"
+        return "IQS codebook: simulated (decoded operands, float GEMM)", Reason.CONFIG
     if falls_back(lowering):
-        return (
+        reason = (
             f"{lowering}: its INT8 path measured slower than the float GEMM on this device "
             "(option fallback='never' keeps it INT8)"
         )
+        return reason, Reason.FALLBACK
     if lowering.startswith(LSQ_LOWERING):
-        return f"{lowering}: LSQ quantizers quantized the operands upstream; float GEMM"
-    return f"{lowering}: below 8 bits, fake quantization (quantize, dequantize, float GEMM)"
+        reason = f"{lowering}: LSQ quantizers quantized the operands upstream; float GEMM"
+        return reason, Reason.CONFIG
+    reason = f"{lowering}: below 8 bits, fake quantization (quantize, dequantize, float GEMM)"
+    return reason, Reason.CONFIG
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +116,7 @@ class FloatOp:
     module: str
     flops: int
     reason: str
+    code: str  # an `annotate.Reason` value: what kind of reason (the log groups by it)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +149,47 @@ class Report:
             }
             for key in total
         }
+
+    def ops_with(self, *codes: Reason) -> tuple[FloatOp, ...]:
+        """The float matmul-like ops whose reason is of one of these kinds."""
+        values = {code.value for code in codes}
+        return tuple(op for op in self.float_ops if op.code in values)
+
+    def summary(self) -> str:
+        """One line: GEMMs rewritten, the INT8 share of GEMM FLOPs per role, the lowering,
+        and how many matmul-like ops stay float and why (what the backend logs at INFO)."""
+        shares = ", ".join(
+            f"{key} {c['ratio']:.1%}" for key, c in self.coverage().items() if c["flops"]
+        )
+        lowerings = ", ".join(sorted({row.lowering for row in self.int8_gemms})) or "none"
+        counts = ", ".join(
+            f"{label} {len(self.ops_with(code))}"
+            for label, code in (
+                ("float fallbacks", Reason.FALLBACK),
+                ("kept float by the options", Reason.CONFIG),
+                ("no INT8 path", Reason.NO_INT8_PATH),
+                ("unreachable", Reason.UNREACHABLE),
+            )
+        )
+        return (
+            f"{len(self.gemms)} GEMMs rewritten ({len(self.int8_gemms)} in INT8); INT8 share of "
+            f"GEMM FLOPs: {shares or 'no GEMMs'}; lowering: {lowerings}; matmul-like ops in "
+            f"float: {counts}"
+        )
+
+    def warning(self) -> str | None:
+        """The matmul-like ops gradq cannot rewrite (no INT8 path, or in a body it does not
+        look into), grouped by reason with their modules; None if there are none."""
+        warned = self.ops_with(*(code for code in Reason if code.warned))
+        if not warned:
+            return None
+        modules: dict[str, set[str]] = {}
+        for op in warned:
+            modules.setdefault(op.reason, set()).add(op.module or "<top level>")
+        groups = "; ".join(
+            f"{reason} [{', '.join(sorted(names))}]" for reason, names in modules.items()
+        )
+        return f"{len(warned)} matmul-like ops stay float where gradq cannot rewrite them: {groups}"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -236,33 +294,55 @@ def _scales(node: fx.Node) -> tuple[str, str]:
 
 
 @dataclasses.dataclass
-class _Captured:
-    graph: fx.GraphModule
-    is_parameter: list[bool]  # per primal
+class Captured:
+    """One graph AOTAutograd derived from a Dynamo graph, with what the analysis needs."""
+
+    graph: fx.GraphModule  # the joint forward+backward graph, or an inference graph
+    is_parameter: list[bool]  # per primal: whether its gradient is a weight's
     num_forward_outputs: int | None  # None for an inference graph
-    decisions: list[Decision]
+    decisions: list[Decision]  # annotate's, for the Dynamo graph
+
+    @classmethod
+    def of(cls, graph: fx.GraphModule, is_parameter: list[bool], decisions: list[Decision]):
+        """From the graph alone: a joint graph returns the forward's outputs, then one
+        gradient per primal; a graph without tangents is an inference graph."""
+        placeholders = list(graph.graph.find_nodes(op="placeholder"))
+        if not any("tangents" in node.name for node in placeholders):
+            return cls(graph, is_parameter, None, decisions)
+        primals = sum("primals" in node.name for node in placeholders)
+        outputs = len(graph.graph.output_node().args[0])
+        return cls(graph, is_parameter, outputs - primals, decisions)
 
 
-def _capture(model, example_inputs: Sequence[Any], config: GradQConfig, training: bool):
+def primal_parameters(gm: fx.GraphModule, inputs: Sequence[Any]) -> list[bool]:
+    """Whether each primal AOTAutograd makes of a rewritten Dynamo graph is a weight: the graph
+    module's own parameters (gradq's statistics probes, whose gradients are statistics, not
+    weight gradients) come first, then Dynamo's inputs."""
+    probes = [False] * len(list(gm.parameters()))
+    return probes + [isinstance(i, torch.nn.Parameter) for i in inputs]
+
+
+def capture(
+    model, example_inputs: Sequence[Any], config: GradQConfig, training: bool
+) -> list[Captured]:
+    """Run `model` once under Dynamo with gradq's rewrite and return the graphs AOTAutograd
+    derives (one per Dynamo graph), compiling nothing: what `report` analyses."""
     from torch._functorch.aot_autograd import aot_module_simplified
     from torch._functorch.partitioners import default_partition
     from torch._inductor.decomposition import select_decomp_table
 
-    captured: list[_Captured] = []
+    captured: list[Captured] = []
 
     def backend(gm: fx.GraphModule, inputs):
         decisions = prepare(gm, config)
-        # AOTAutograd's primals: the graph module's own parameters (gradq's statistics
-        # probes), then Dynamo's inputs. The probes' gradients are statistics, not wgrads.
-        probes = [False] * len(list(gm.parameters()))
-        is_parameter = probes + [isinstance(i, torch.nn.Parameter) for i in inputs]
+        is_parameter = primal_parameters(gm, inputs)
 
-        def partition(joint, joint_inputs, *, num_fwd_outputs, **kwargs):
-            captured.append(_Captured(joint, is_parameter, num_fwd_outputs, decisions))
-            return default_partition(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs)
+        def partition(joint, joint_inputs, **kwargs):
+            captured.append(Captured.of(joint, is_parameter, decisions))
+            return default_partition(joint, joint_inputs, **kwargs)
 
         def inference(graph, _inputs):
-            captured.append(_Captured(graph, is_parameter, None, decisions))
+            captured.append(Captured.of(graph, is_parameter, decisions))
             return graph.forward
 
         return aot_module_simplified(
@@ -298,6 +378,12 @@ def _flops(node: fx.Node, output_mask: list[bool] | None = None) -> int:
         a, b, out = node.args[0].meta["val"], node.args[1].meta["val"], node.meta["val"]
         dy, weight = {"forward": (out, b), "dgrad": (a, b), "wgrad": (b, out)}[node.args[8]]
         return 2 * math.prod(int(s) for s in dy.shape) * math.prod(int(s) for s in weight.shape[1:])
+    if node.target in (_FLEX_FORWARD, _FLEX_BACKWARD):
+        query, key, value = (node.args[i].meta["val"].shape for i in range(3))
+        if node.target is _FLEX_FORWARD:
+            return int(sdpa_flop_count(query, key, value))
+        grad_out = node.args[5].meta["val"].shape
+        return int(sdpa_backward_flop_count(grad_out, query, key, value))
     packet = _FLOP_ALIASES.get(node.target.overloadpacket, node.target.overloadpacket)
     args, kwargs = torch.utils._pytree.tree_map_only(
         fx.Node, lambda n: n.meta["val"], (node.args, node.kwargs)
@@ -322,18 +408,37 @@ def _conv_wgrad_flops(node: fx.Node) -> int:
 
 
 def _is_matmul_like(node: fx.Node) -> bool:
-    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+    if node.op != "call_function":
         return False
     if node.target in _GEMMS:
         return True
+    if node.target in (_FLEX_FORWARD, _FLEX_BACKWARD):
+        return True
+    if not isinstance(node.target, torch._ops.OpOverload):
+        return False
     packet = _FLOP_ALIASES.get(node.target.overloadpacket, node.target.overloadpacket)
     return packet in flop_registry
+
+
+def _walk(module: fx.GraphModule, hop: fx.Node | None = None):
+    """(node, hop) for every node of a graph and of the bodies of its higher-order ops, however
+    nested: hop is the top graph's higher-order op node whose body holds the node (None for
+    the top graph's own nodes)."""
+    for node in module.graph.nodes:
+        yield node, hop
+        if is_hop(node):
+            for body in body_nodes(node):
+                yield from _walk(getattr(module, body.target), hop or node)
+
+
+def _passthrough(node: fx.Node) -> bool:
+    return getattr(getattr(node, "target", None), "overloadpacket", None) in _PASSTHROUGH
 
 
 class _GraphFacts:
     """Answers, from the joint graph's structure, where a node sits and what its result feeds."""
 
-    def __init__(self, captured: _Captured):
+    def __init__(self, captured: Captured):
         graph = captured.graph.graph
         self.digraph = nx.DiGraph()
         for node in graph.nodes:
@@ -352,13 +457,8 @@ class _GraphFacts:
                     out for out, param in zip(outputs, is_parameter, strict=True)
                     if param and isinstance(out, fx.Node)
                 }  # fmt: skip
-        # Nodes whose value reaches a weight's gradient through pass-through ops alone.
         # Nodes whose value *is* a weight's gradient up to layout and dtype changes.
-        passthrough = self.digraph.subgraph(
-            n
-            for n in self.digraph.nodes
-            if getattr(getattr(n, "target", None), "overloadpacket", None) in _PASSTHROUGH
-        )
+        passthrough = self.digraph.subgraph(n for n in self.digraph.nodes if _passthrough(n))
         self.feeds_weight_grad = set()
         for out in self.weight_grads & set(passthrough.nodes):
             self.feeds_weight_grad |= {out} | nx.ancestors(passthrough, out)
@@ -376,9 +476,17 @@ class _GraphFacts:
     def graph_of(self, node: fx.Node) -> str:
         return "bwd" if node in self.backward else "fwd"
 
-    def roles_of(self, node: fx.Node) -> list[tuple[str, int]]:
-        """(role, FLOPs) of a float op, the role from the graph alone (not gradq's labels)."""
-        if node not in self.backward:
+    def _is_weight_grad(self, node: fx.Node) -> bool:
+        """Whether the node's result reaches a weight's gradient through pass-through ops."""
+        return node in self.weight_grads or any(u in self.feeds_weight_grad for u in node.users)
+
+    def roles_of(self, node: fx.Node, hop: fx.Node | None = None) -> list[tuple[str, int]]:
+        """(role, FLOPs) of a float op, the role from the graph alone (not gradq's labels).
+
+        hop: the higher-order op whose body holds the node; a body's result feeds a weight's
+        gradient when it reaches, through pass-through ops, a body output whose value the op
+        hands to one."""
+        if (hop or node) not in self.backward:
             return [(Role.FORWARD.value, _flops(node))]
         if node.target is aten.convolution_backward.default:
             # One op, two GEMM-like products: split it by its output mask.
@@ -389,28 +497,60 @@ class _GraphFacts:
             if wants_weight_grad:
                 roles.append((Role.WGRAD.value, _conv_wgrad_flops(node)))
             return roles
-        feeds = node in self.weight_grads or any(u in self.feeds_weight_grad for u in node.users)
+        feeds = self._is_weight_grad(node) if hop is None else self._body_feeds(node, hop)
         return [(Role.WGRAD.value if feeds else Role.DGRAD.value, _flops(node))]
 
+    def _body_feeds(self, node: fx.Node, hop: fx.Node) -> bool:
+        outputs = torch.utils._pytree.tree_leaves(node.graph.output_node().args[0])
+        reached, frontier = {node}, [node]
+        while frontier:
+            for user in frontier.pop().users:
+                if _passthrough(user) and user not in reached:
+                    reached.add(user)
+                    frontier.append(user)
+        indices = {i for i, out in enumerate(outputs) if out in reached}
+        return any(
+            user.target is operator.getitem
+            and user.args[1] in indices
+            and (self._is_weight_grad(user) or user in self.feeds_weight_grad)
+            for user in hop.users
+        )
 
-def _float_reason(module: str, op: str, decisions: list[Decision]) -> str:
-    for decision in decisions:
-        if not decision.quantize and decision.module == module:
-            return decision.reason
-    for decision in decisions:
-        if not decision.quantize and module.startswith(decision.module + "."):
-            return decision.reason
-    return f"{op}: not produced by a matmul gradq rewrites"
+
+def _float_reason(node: fx.Node, op: str, hop: fx.Node | None, decisions: list[Decision]):
+    """(reason, code) of a float matmul-like op of a joint graph: its higher-order op's, for a
+    node in one's body; else the Dynamo-level decision it was traced from, found by the
+    Dynamo node it names (`source_fn_stack`) or by module."""
+    if hop is not None:
+        return float_reason(hop.target), Reason.UNREACHABLE
+    stack = node.meta.get("source_fn_stack") or node.meta.get("fwd_source_fn_stack") or []
+    names = [entry[0] for entry in stack]
+    module = module_path(node)
+    floats = [d for d in decisions if not d.quantize]
+    # Traced from inside a higher-order op's body at Dynamo level (checkpointing, a custom
+    # autograd.Function): prefer the decisions made there.
+    nested = len(names) > 1
+    pool = [d for d in floats if bool(d.region) == nested] or floats
+    matches = (
+        lambda d: bool(names) and d.node == names[-1] and d.module == module,
+        lambda d: d.module == module,
+        lambda d: module.startswith(d.module + "."),
+    )
+    for match in matches:
+        for decision in pool:
+            if match(decision):
+                return decision.reason, decision.code
+    return f"{op}: not produced by a matmul gradq rewrites", Reason.NO_INT8_PATH
 
 
-def analyse(captured: list[_Captured], config: GradQConfig, training: bool) -> Report:
+def analyse(captured: list[Captured], config: GradQConfig, training: bool) -> Report:
     gemms, float_ops = [], []
     for item in captured:
         facts = _GraphFacts(item)
-        for node in item.graph.graph.nodes:
+        for node, hop in _walk(item.graph):
             if not _is_matmul_like(node):
                 continue
-            graph = facts.graph_of(node)
+            graph = facts.graph_of(hop or node)
             if node.target in _GEMMS:
                 if node.target is torch.ops.gradq.mm.default:
                     a, b, _bias, a_spec, b_spec, role, module = node.args
@@ -425,14 +565,17 @@ def analyse(captured: list[_Captured], config: GradQConfig, training: bool) -> R
                 )  # fmt: skip
                 gemms.append(row)
                 if not runs_in_int8(row.lowering):
-                    reason = _not_int8_reason(row.lowering, role)
-                    float_ops.append(FloatOp(graph, role, op, module, row.flops, reason))
+                    reason, code = _not_int8_reason(row.lowering, role)
+                    float_ops.append(
+                        FloatOp(graph, role, op, module, row.flops, reason, code.value)
+                    )
                 continue
             module = module_path(node)
-            op = str(node.target.overloadpacket).removeprefix("aten.")
-            reason = _float_reason(module, op, item.decisions)
-            for role, flops in facts.roles_of(node):
-                float_ops.append(FloatOp(graph, role, op, module, flops, reason))
+            packet = getattr(node.target, "overloadpacket", node.target)
+            op = hop_name(packet) if is_hop(node) else str(packet).removeprefix("aten.")
+            reason, code = _float_reason(node, op, hop, item.decisions)
+            for role, flops in facts.roles_of(node, hop):
+                float_ops.append(FloatOp(graph, role, op, module, flops, reason, code.value))
     return Report(config, training, tuple(gemms), tuple(float_ops))
 
 
@@ -447,11 +590,11 @@ def report(
     training: analyse the training step (forward and backward); defaults to `model.training`.
     Inference (training=False) quantizes and reports the forward GEMMs only.
     """
-    config = to_config(config)
+    config = GradQConfig.coerce(config)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     training = model.training if training is None else training
-    captured = _capture(model, example_inputs, config, training)
+    captured = capture(model, example_inputs, config, training)
     if not captured:
         raise ValueError("report: Dynamo captured no graph from the model")
     return analyse(captured, config, training)

@@ -25,6 +25,26 @@ import torch
 
 # The attribute of a weight Parameter that holds its probe (set by gradq's rewrite).
 PROBE_ATTRIBUTE = "gradq_stats_probe"
+# A probe's sums stop growing past this many backward passes: older ones are scaled down,
+# so that a loop that never resets them (nothing reads them) accumulates nothing unbounded.
+WINDOW = 1024
+
+
+def new_probe(parameter: torch.nn.Parameter) -> torch.nn.Parameter:
+    """The statistics probe of a weight: made once, hung on the weight (`PROBE_ATTRIBUTE`)."""
+    probe = getattr(parameter, PROBE_ATTRIBUTE, None)
+    if probe is None:
+        probe = torch.nn.Parameter(torch.zeros(3, device=parameter.device))
+        probe.register_post_accumulate_grad_hook(_bound)
+        setattr(parameter, PROBE_ATTRIBUTE, probe)
+    return probe
+
+
+def _bound(probe: torch.Tensor) -> None:
+    """Past WINDOW passes, scale the sums so the count stays at WINDOW (on the device, no sync):
+    the means become running means with weight 1 / (WINDOW + 1) for the newest pass."""
+    with torch.no_grad():
+        probe.grad.mul_((WINDOW / probe.grad[2]).clamp(max=1.0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,10 +106,15 @@ class AdaptiveLR:
     """Scales each quantized layer's learning rate by max(exp(-alpha * d), floor).
 
     d = 1 - cos(g, g_q) is the cosine distance of the layer's quantized gradient (the rule of
-    Zhu et al., CVPR 2020, that method.md takes as GradQ-ViT's default: alpha = 20, floor
-    0.1). The factor is computed on the device and the group's lr is a 0-d tensor during the
-    step, so `step()` synchronises nothing itself; optimizers take tensor learning rates (on
-    CUDA, torch's foreach AdamW may read one on the host: prefer fused=True there).
+    Zhu et al., CVPR 2020, GradQ-ViT's default here: alpha = 20, floor 0.1), from the layer's
+    statistics (`GradQConfig.stats`). It hooks the optimizer's own step, so `optimizer.step()`,
+    `scaler.step(optimizer)` (which skips the step, and so the scaling, after an fp16
+    overflow) and `adaptive.step()` all apply it. A step whose statistics are not finite (an
+    overflowing step that still stepped) keeps the layer's last finite factor, 1 at first.
+
+    The factor is computed on the device and the group's lr is a 0-d tensor during the step,
+    so a step synchronises nothing itself; optimizers take tensor learning rates (on CUDA,
+    torch's foreach AdamW may read one on the host: prefer fused=True there).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, alpha: float = 20.0, floor: float = 0.1):
@@ -97,8 +122,21 @@ class AdaptiveLR:
             raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
         if not (isinstance(floor, (int, float)) and 0 < floor <= 1):
             raise ValueError(f"floor must be in (0, 1], got {floor!r}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {optimizer!r}")
         self.optimizer, self.alpha, self.floor = optimizer, float(alpha), float(floor)
         self.factors: dict[int, torch.Tensor] = {}  # group index -> the last factor applied
+        self._scaled: list[tuple[dict, object]] = []
+        self._checked = False
+        self._hooks = (
+            optimizer.register_step_pre_hook(lambda *_: self._scale()),
+            optimizer.register_step_post_hook(lambda *_: self._restore()),
+        )
+
+    def remove(self) -> None:
+        """Unhook from the optimizer: its steps use the groups' own learning rates again."""
+        for hook in self._hooks:
+            hook.remove()
 
     def _probe(self, group: dict) -> torch.nn.Parameter | None:
         probes = [probe for p in group["params"] if (probe := probe_of(p)) is not None]
@@ -113,22 +151,36 @@ class AdaptiveLR:
         return torch.exp(-self.alpha * (1.0 - cosine)).clamp_min(self.floor)
 
     def step(self, closure=None):
-        """optimizer.step() with each quantized group's lr scaled by its factor, then reset the
-        statistics. The groups' own lr values are restored afterwards, so schedulers never see
-        the scaled ones."""
-        scaled = []
-        for index, group in enumerate(self.optimizer.param_groups):
-            probe = self._probe(group)
+        """optimizer.step() (the hooks scale and restore the learning rates)."""
+        return self.optimizer.step(closure)
+
+    def _scale(self) -> None:
+        """Before a step: each quantized group's lr times its factor; the statistics reset."""
+        groups = [(index, g, self._probe(g)) for index, g in enumerate(self.optimizer.param_groups)]
+        if not self._checked:
+            self._checked = True
+            if not any(probe is not None for _, _, probe in groups):
+                raise ValueError(
+                    "AdaptiveLR: no parameter of the optimizer carries gradq's statistics; "
+                    "compile the model with options={'stats': True} and build the optimizer "
+                    "from gradq_fx.param_groups(model) after the first forward"
+                )
+        for index, group, probe in groups:
             if probe is None or probe.grad is None:
                 continue
             total = probe.grad
-            factor = self.factor(total[0] / total[2].clamp_min(1.0))
-            scaled.append((group, group["lr"]))
+            fresh = self.factor(total[0] / total[2].clamp_min(1.0))
+            last = self.factors.get(index)
+            last = torch.ones_like(fresh) if last is None else last
+            factor = torch.where(torch.isfinite(fresh), fresh, last)
+            self._scaled.append((group, group["lr"]))
             group["lr"] = factor * group["lr"]
             self.factors[index] = factor
             probe.grad = None
-        try:
-            return self.optimizer.step(closure)
-        finally:
-            for group, lr in scaled:
-                group["lr"] = lr
+
+    def _restore(self) -> None:
+        """After a step: the groups' own learning rates back, so schedulers never see the
+        scaled ones."""
+        for group, lr in self._scaled:
+            group["lr"] = lr
+        self._scaled = []

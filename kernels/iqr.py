@@ -30,6 +30,9 @@ Numerical choices, and how the kernel's clip compares with the reference's:
   reference scores as (near-)best: tests bound the float64 cosine of the kernel's pick.
 - 2^i is built from an integer shift, exact on every device; codes are rounded half to even
   with the 1.5 * 2^23 addition after a clamp to [-qmax, qmax], as in kernels/quantize.py.
+- A row holding a NaN or an Inf gets a NaN clip. The reference's is not finite either (its
+  absmax, and the fences capped at it: NaN, or Inf for a row whose worst value is an Inf),
+  and either makes the row's scale NaN (`quantizer.scale_of`).
 """
 
 from __future__ import annotations
@@ -137,13 +140,18 @@ if triton is not None:
         x_row = x_ptr + row * stride_xr
         cols = tl.arange(0, BLOCK_C)
 
-        # Sweep 1: the absmax (exact in any order).
+        # Sweep 1: the absmax (exact in any order), and whether the row holds a NaN or an Inf
+        # (|x| < inf fails for both; a GPU's max would skip a NaN). Such a row's clip is NaN,
+        # as the reference's is; its later sweeps read zeros in their place.
         amax = tl.zeros([BLOCK_C], dtype=tl.float32)
+        nonfinite = tl.zeros([BLOCK_C], dtype=tl.int32)
         for start in range(0, C, BLOCK_C):
             c = (start + cols).to(tl.int64)
-            x = tl.load(x_row + c * stride_xc, mask=c < C, other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.abs(x))
+            x = tl.abs(tl.load(x_row + c * stride_xc, mask=c < C, other=0.0).to(tl.float32))
+            nonfinite = tl.maximum(nonfinite, tl.where(x < float("inf"), 0, 1))
+            amax = tl.maximum(amax, tl.where(x < float("inf"), x, 0.0))
         amax = tl.max(amax, axis=0)
+        nonfinite = tl.max(nonfinite, axis=0)
         safe_amax = tl.where(amax > 0, amax, 1.0)
 
         # Sweep 2: the log2 histogram of |x| / amax (quantizer's bins).
@@ -152,6 +160,7 @@ if triton is not None:
             c = (start + cols).to(tl.int64)
             inside = c < C
             x = tl.load(x_row + c * stride_xc, mask=inside, other=0.0).to(tl.float32)
+            x = tl.where(tl.abs(x) < float("inf"), x, 0.0)
             octaves_below = -tl.log2(tl.math.div_rn(tl.abs(x), safe_amax)) * BINS_PER_OCTAVE
             last = NUM_BINS - 1.0
             bins = tl.minimum(tl.maximum(tl.floor(octaves_below), 0.0), last)  # 0: +inf -> last
@@ -185,6 +194,7 @@ if triton is not None:
         for start in range(0, C, BLOCK_C):
             c = (start + cols).to(tl.int64)
             x = tl.load(x_row + c * stride_xc, mask=c < C, other=0.0).to(tl.float32)
+            x = tl.where(tl.abs(x) < float("inf"), x, 0.0)
             v = tl.math.div_rn(x[None, :], scale[:, None])
             v = tl.minimum(tl.maximum(v, -QMAX), QMAX)  # before rounding: |v| < 2^22 below
             restored = ((v + 12582912.0) - 12582912.0) * scale[:, None]  # half to even
@@ -196,4 +206,4 @@ if triton is not None:
         near_best = cosine >= tl.max(cosine, axis=0) - COSINE_TIE
         first = tl.min(tl.where(near_best, f, CANDIDATES), axis=0)
         clip = tl.sum(tl.where(f == first, candidates, 0.0), axis=0)
-        tl.store(clip_ptr + row, clip)
+        tl.store(clip_ptr + row, tl.where(nonfinite > 0, float("nan"), clip))

@@ -4,9 +4,10 @@
 [R, C] along its last dimension, one scale per row, exactly as `gradq_fx.quantizer.quantize`
 does for that slice (the quantizer stays the one home of the math; this file reproduces it):
 
-    scale = clip / qmax            where clip > 0, else 1
-    q     = clamp(round(x / scale), -qmax, qmax)   as int8, [R, C] (or q^T [C, R])
-    scale = <x, q> / <q, q>        only with `scaling`; 1 where <q, q> = 0
+    scale = clip / qmax            where clip > 0, else 1; NaN where clip is not finite
+    q     = clamp(round(x / scale), -qmax, qmax)   as int8, [R, C] (or q^T [C, R]); 0 in a
+                                   row whose scale is NaN
+    scale = <x, q> / <q, q>        only with `scaling`; 1 where <q, q> = 0; NaN as above
 
 clip: [R] float32, one clipping value per row (from `quantizer.clip_value`, or for iqr from
 its fused kernel in kernels/iqr.py: the clipping lives apart from the rounding); a 0-d
@@ -38,7 +39,11 @@ Numerical choices, and why the Triton kernel matches the reference:
   rounding (summation order differs), so scaled scales match to a few ulp, not bit for bit.
   Per-tensor scaling adds the rows' sums in torch.
 - Absmax is a max: exact in any order, so minmax clips (and their scales) are bit-equal.
-- NaN inputs give unspecified codes (torch's int8 cast of NaN is unspecified too).
+- Non-finite values: a row holding a NaN or an Inf gets scale NaN and codes 0, as the
+  reference gives (`quantizer.scale_of`, `quantizer.codes`), so the GEMM it feeds returns
+  NaN where float would return a non-finite value. The in-kernel absmax cannot see a NaN (a
+  GPU's max returns the other operand), so the same sweep flags the row when |x| < inf
+  fails, which it does for NaN and for both infinities; a given clip flags itself.
 """
 
 from __future__ import annotations
@@ -122,7 +127,8 @@ def quantize_rows_reference(
     per_tensor = clip is not None and clip.dim() == 0
     if clip is None:
         clip = quantizer.clip_value(x32, QuantSpec(bits=bits, clipping=Clipping.MINMAX))
-    scale = quantizer._safe_scale(clip.reshape(-1), qmax)[:, None]  # [R, 1] or [1, 1]
+    clip = clip.reshape(-1)
+    scale = quantizer.scale_of(clip, qmax)[:, None]  # [R, 1] or [1, 1]
     rounding = Rounding.STOCHASTIC if stochastic else Rounding.NEAREST
     if stochastic:
         with torch.random.fork_rng(devices=[x.device.index] if x.is_cuda else []):
@@ -130,15 +136,15 @@ def quantize_rows_reference(
                 torch.cuda.default_generators[x.device.index].manual_seed(int(seed.item()))
             else:
                 torch.random.default_generator.manual_seed(int(seed.item()))
-            q = quantizer._round(x32 / scale, rounding)
+            q = quantizer.codes(x32 / scale, rounding, qmax)
     else:
-        q = quantizer._round(x32 / scale, rounding)
-    q = q.clamp(-qmax, qmax)
+        q = quantizer.codes(x32 / scale, rounding, qmax)
     if scaling:
         if per_tensor:
-            scale = quantizer.least_squares_scale(x32.reshape(1, -1), q.reshape(1, -1))[:, None]
+            fitted = quantizer.least_squares_scale(x32.reshape(1, -1), q.reshape(1, -1))
         else:
-            scale = quantizer.least_squares_scale(x32, q)[:, None]
+            fitted = quantizer.least_squares_scale(x32, q)
+        scale = quantizer.keep_nonfinite(fitted, clip)[:, None]
     q = q.to(torch.int8)
     # Contiguous outputs, as the fake (and the kernel) give: x may be a transposed view.
     q = q.t() if transpose else q
@@ -212,7 +218,7 @@ def _launch(x, clip, qmax, stochastic, seed, scaling, transpose):
     if scaling and per_tensor:
         dot, norm = stats.sum(dim=1)  # the rows' <x, q> and <q, q>, added: the tensor's
         ls = torch.where(norm > 0, dot / norm, torch.ones_like(norm))
-        scale = ls.expand(rows).contiguous()
+        scale = quantizer.keep_nonfinite(ls, clip).expand(rows).contiguous()
     return q, scale
 
 
@@ -271,15 +277,22 @@ if triton is not None:
         if HAS_CLIP:
             clip = tl.load(clip_ptr + rows64 * stride_clip, mask=row_mask, other=0.0)
         else:
-            # minmax: one sweep for each row's absmax (exact in any order).
+            # minmax: one sweep for each row's absmax (exact in any order), and whether the
+            # row holds a NaN or an Inf (|x| < inf fails for both), which max cannot show.
             clip = tl.zeros([BLOCK_R], dtype=tl.float32)
+            nonfinite = tl.zeros([BLOCK_R], dtype=tl.int32)
             for start in range(0, C, BLOCK_C):
                 c = (start + cols).to(tl.int64)
                 mask = row_mask[:, None] & (c < C)[None, :]
                 x = tl.load(x_rows + c[None, :] * stride_xc, mask=mask, other=0.0)
-                clip = tl.maximum(clip, tl.max(tl.abs(x.to(tl.float32)), axis=1))
+                x = tl.abs(x.to(tl.float32))
+                nonfinite = tl.maximum(nonfinite, tl.max(tl.where(x < float("inf"), 0, 1), axis=1))
+                clip = tl.maximum(clip, tl.max(x, axis=1))
+            clip = tl.where(nonfinite > 0, float("nan"), clip)
+        finite = tl.abs(clip) < float("inf")  # False for a NaN clip too
         qmax = tl.full([BLOCK_R], QMAX, dtype=tl.float32)
         scale = tl.where(clip > 0, tl.math.div_rn(clip, qmax), 1.0)
+        scale = tl.where(finite, scale, float("nan"))
 
         if STOCHASTIC:
             seed = tl.load(seed_ptr)
@@ -297,10 +310,11 @@ if triton is not None:
                 q = low + tl.where(u < v - low, 1.0, 0.0)
             else:
                 q = (v + 12582912.0) - 12582912.0  # 1.5 * 2^23: round half to even
+            q = tl.where(finite[:, None], q, 0.0)  # a NaN scale's codes: 0
             q_ptrs = q_ptr + rows64[:, None] * stride_qr + c[None, :] * stride_qc
             tl.store(q_ptrs, q.to(tl.int8), mask=mask)
             if SCALING:
-                dot += tl.sum(x * q, axis=1)  # masked elements are x = 0, q = 0
+                dot += tl.sum(tl.where(finite[:, None], x, 0.0) * q, axis=1)  # masked: 0
                 norm += tl.sum(q * q, axis=1)
 
         if SCALING:
@@ -309,4 +323,5 @@ if triton is not None:
         if ROW_SCALING:
             safe_norm = tl.where(norm > 0, norm, 1.0)  # no 0 / 0 computed, even if discarded
             scale = tl.where(norm > 0, tl.math.div_rn(dot, safe_norm), 1.0)
+            scale = tl.where(finite, scale, float("nan"))
         tl.store(scale_ptr + rows64, scale, mask=row_mask)

@@ -33,6 +33,7 @@ from torch.fx.operator_schemas import normalize_function
 
 from gradq_fx import ops
 from gradq_fx.config import Attention, GradQConfig, Granularity
+from gradq_fx.passes.subgraphs import Scope, scopes
 
 
 class Kind(enum.Enum):
@@ -40,7 +41,23 @@ class Kind(enum.Enum):
     MATMUL = "matmul"  # activation x activation (attention's explicit QK^T and PV)
     ATTENTION = "attention"  # fused F.scaled_dot_product_attention
     CONVOLUTION = "convolution"
-    OTHER = "other"  # addmm, einsum, ...: matmul-like, not rewritten
+    OTHER = "other"  # addmm, einsum, flex_attention, ...: matmul-like, not rewritten
+
+
+class Reason(enum.Enum):
+    """What kind of answer a Decision is: what the report and the compile-time log group by."""
+
+    QUANTIZED = "quantized"  # rewritten into gradq's GEMMs
+    CONFIG = "config"  # the options keep it float (globs, attention, convolutions)
+    NO_INT8_PATH = "no_int8_path"  # gradq has no INT8 form of this op or of these operands
+    UNREACHABLE = "unreachable"  # inside a higher-order op's body that gradq does not rewrite
+    FALLBACK = "fallback"  # a gradq GEMM the fallback rule runs in float (measured slower)
+
+    @property
+    def warned(self) -> bool:
+        """Whether a float op of this kind is warned about at compile time: one the user did
+        not ask for (an op the options keep float is only listed in the INFO line)."""
+        return self in (Reason.NO_INT8_PATH, Reason.UNREACHABLE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +67,10 @@ class Decision:
     module: str
     quantize: bool
     reason: str
+    code: Reason
+    # The Dynamo-level higher-order op nodes whose bodies hold the node, outermost first
+    # ("tag_activation_checkpoint/cond"); "" in the top graph.
+    region: str
     # The bit widths of the (left, right) operands that LSQ quantizers already fake-quantized
     # (`gradq_fx.qat`), None for an operand the GEMM quantizes itself.
     lsq_bits: tuple[int | None, int | None] = (None, None)
@@ -62,7 +83,14 @@ _ATTENTION = {F.scaled_dot_product_attention}
 # F.conv2d is torch.conv2d, and so on: one set covers both spellings.
 _TRANSPOSED = {F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d}
 _CONVOLUTION = {F.conv1d, F.conv2d, F.conv3d, *_TRANSPOSED}
-_OTHER_FUNCTIONS = {torch.addmm, torch.baddbmm, torch.addbmm, torch.einsum, torch.bilinear}
+_OTHER_FUNCTIONS = {
+    torch.addmm,
+    torch.baddbmm,
+    torch.addbmm,
+    torch.einsum,
+    torch.bilinear,
+    torch.ops.higher_order.flex_attention,
+}
 _VIEW_METHODS = {"t", "transpose", "permute", "view", "reshape", "contiguous", "expand", "mT"}
 _VIEW_FUNCTIONS = {torch.t, torch.transpose, torch.permute, torch.reshape}
 _LSQ = torch.ops.gradq.lsq_fake_quantize
@@ -239,9 +267,11 @@ def _is_view(node: fx.Node) -> bool:
     )
 
 
-def _source(node: fx.Node) -> fx.Node:
-    """The node whose value `node` reads: behind view-like ops, LSQ fake quantization (its
-    input), and row blocks of chunk or split (a q, k or v block of a fused qkv weight)."""
+def _source(node: fx.Node, scope: Scope | None = None) -> tuple[fx.Node, Scope | None]:
+    """The node whose value `node` reads, and its scope: behind view-like ops, LSQ fake
+    quantization (its input), row blocks of chunk or split (a q, k or v block of a fused qkv
+    weight) and, with a `scope`, the placeholders of higher-order op bodies (their operand in
+    the enclosing graph)."""
     while True:
         if _is_view(node) or (node.op == "call_function" and node.target in (_LSQ, _LSQ.default)):
             node = node.args[0]
@@ -251,23 +281,33 @@ def _source(node: fx.Node) -> fx.Node:
             and node.args[0].target in _BLOCKS
         ):
             node = node.args[0].args[0]
+        elif scope is not None and node.op == "placeholder" and scope.outer(node) is not None:
+            node, scope = scope.outer(node)
         else:
-            return node
+            return node, scope
 
 
-def parameter_of(node: fx.Node) -> torch.nn.Parameter | None:
+def top_placeholder(node: fx.Node, scope: Scope | None = None) -> fx.Node | None:
+    """The placeholder of the top graph a node reads (`_source`), or None if it reads none."""
+    node, scope = _source(node, scope)
+    if node.op != "placeholder" or (scope is not None and scope.parent is not None):
+        return None
+    return node
+
+
+def parameter_of(node: fx.Node, scope: Scope | None = None) -> torch.nn.Parameter | None:
     """The parameter a node reads (`_source`), if Dynamo recorded it."""
-    node = _source(node)
-    if node.op != "placeholder":
+    node = top_placeholder(node, scope)
+    if node is None:
         return None
     grapharg = node.meta.get("grapharg")
     example = grapharg.example if grapharg is not None else node.meta.get("example_value")
     return example if isinstance(example, torch.nn.Parameter) else None
 
 
-def is_parameter(node: fx.Node) -> bool:
+def is_parameter(node: fx.Node, scope: Scope | None = None) -> bool:
     """True if the node reads a parameter placeholder or attribute (`_source`)."""
-    return _source(node).op == "get_attr" or parameter_of(node) is not None
+    return _source(node, scope)[0].op == "get_attr" or parameter_of(node, scope) is not None
 
 
 def lsq_bits_of(node: fx.Node) -> int | None:
@@ -318,27 +358,36 @@ def _operand_problem(node: fx.Node, kind: Kind) -> str | None:
     return None
 
 
-def _decide(node: fx.Node, kind: Kind, config: GradQConfig) -> Decision:
+def _decide(node: fx.Node, kind: Kind, config: GradQConfig, scope: Scope) -> Decision:
     module = module_path(node)
+
+    region = scope.region
+
+    def keep_float(reason: str, code: Reason) -> Decision:
+        return Decision(node.name, kind, module, False, reason, code, region)
+
+    if scope.reason is not None:
+        return keep_float(scope.reason, Reason.UNREACHABLE)
     problem = _operand_problem(node, kind)
     if problem is not None:
-        return Decision(node.name, kind, module, False, problem)
+        return keep_float(problem, Reason.NO_INT8_PATH)
     if kind is Kind.MATMUL:
-        if is_parameter(node.args[0]):
-            reason = "matmul with a weight as left operand: not rewritten by gradq"
-            return Decision(node.name, kind, module, False, reason)
-        if is_parameter(node.args[1]):
+        if is_parameter(node.args[0], scope):
+            return keep_float(
+                "matmul with a weight as left operand: not rewritten by gradq", Reason.NO_INT8_PATH
+            )
+        if is_parameter(node.args[1], scope):
             kind = Kind.LINEAR
     if kind is Kind.CONVOLUTION:
-        return _decide_convolution(node, module, config)
+        return _decide_convolution(node, module, config, scope)
     if kind is Kind.OTHER:
-        reason = f"{getattr(node.target, '__name__', node.target)}: not rewritten by gradq"
-        return Decision(node.name, kind, module, False, reason)
+        name = getattr(node.target, "__name__", node.target)
+        return keep_float(f"{name}: not rewritten by gradq", Reason.NO_INT8_PATH)
     if kind in (Kind.MATMUL, Kind.ATTENTION) and config.attention is Attention.FLOAT:
-        return Decision(node.name, kind, module, False, "attention kept float (attention='float')")
+        return keep_float("attention kept float (attention='float')", Reason.CONFIG)
     reason = filter_reason(module, config)
     if reason is not None:
-        return Decision(node.name, kind, module, False, reason)
+        return keep_float(reason, Reason.CONFIG)
     if kind in (Kind.LINEAR, Kind.MATMUL):
         named = arguments(node)
         right = named.get("weight", named.get("other"))
@@ -346,24 +395,27 @@ def _decide(node: fx.Node, kind: Kind, config: GradQConfig) -> Decision:
         if bits != (None, None):
             text = _lsq_text(bits, kind is Kind.LINEAR)
             reason = f"LSQ fake-quant {text}: operands quantized upstream, float forward GEMM"
-            return Decision(node.name, kind, module, True, reason, bits)
-    return Decision(node.name, kind, module, True, "int8")
+            return Decision(node.name, kind, module, True, reason, Reason.QUANTIZED, region, bits)
+    return Decision(node.name, kind, module, True, "int8", Reason.QUANTIZED, region)
 
 
-def _decide_convolution(node: fx.Node, module: str, config: GradQConfig) -> Decision:
-    reason = _convolution_problem(node)
-    if reason is None and not is_parameter(arguments(node)["weight"]):
+def _decide_convolution(node: fx.Node, module: str, config: GradQConfig, scope: Scope) -> Decision:
+    reason, code = _convolution_problem(node), Reason.NO_INT8_PATH
+    if reason is None and not is_parameter(arguments(node)["weight"], scope):
         reason = "convolution whose weight is not a parameter: not rewritten by gradq"
     if reason is None and not config.convolutions:
-        reason = "convolutions kept float (convolutions=False)"
+        reason, code = "convolutions kept float (convolutions=False)", Reason.CONFIG
     if reason is None:
-        reason = filter_reason(module, config)
+        reason, code = filter_reason(module, config), Reason.CONFIG
     if reason is not None:
-        return Decision(node.name, Kind.CONVOLUTION, module, False, reason)
+        return Decision(node.name, Kind.CONVOLUTION, module, False, reason, code, scope.region)
     g = conv2d_geometry(node)
     if g.is_gemm:
         shape = "1x1" if g.is_1x1 else "patchify (kernel = stride)"
-        return Decision(node.name, Kind.CONVOLUTION, module, True, f"int8: {shape} conv as a GEMM")
+        reason = f"int8: {shape} conv as a GEMM"
+        return Decision(
+            node.name, Kind.CONVOLUTION, module, True, reason, Reason.QUANTIZED, scope.region
+        )
     kernel = "x".join(map(str, g.kernel))
     reason = f"int8: {kernel} conv (stride {_text(g.stride)}, padding {_text(g.padding)}) as an "
     reason += "implicit GEMM"
@@ -373,17 +425,22 @@ def _decide_convolution(node: fx.Node, module: str, config: GradQConfig) -> Deci
             "; per_row scales X (forward) and dY (dgrad) per image, not per pixel: a pixel's "
             "scale would vary along the window"
         )
-    return Decision(node.name, Kind.CONVOLUTION, module, True, reason)
+    return Decision(
+        node.name, Kind.CONVOLUTION, module, True, reason, Reason.QUANTIZED, scope.region
+    )
 
 
 def run(gm: fx.GraphModule, config: GradQConfig) -> list[Decision]:
-    """Mark every matmul-like node with its Decision; return them in graph order."""
+    """Mark every matmul-like node with its Decision, in the top graph and in every body of a
+    higher-order op (`subgraphs`; a body gradq does not rewrite marks its matmuls float with
+    the op's reason); return them, top graph first."""
     decisions = []
-    for node in gm.graph.nodes:
-        kind = kind_of(node)
-        if kind is None:
-            continue
-        node.meta["gradq"] = decision = _decide(node, kind, config)
-        decisions.append(decision)
-    gm.graph.lint()
+    for scope in scopes(gm):
+        for node in scope.graph.nodes:
+            kind = kind_of(node)
+            if kind is None:
+                continue
+            node.meta["gradq"] = decision = _decide(node, kind, config, scope)
+            decisions.append(decision)
+        scope.graph.lint()
     return decisions

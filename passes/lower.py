@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -278,13 +279,25 @@ def source_hash() -> str:
 
 
 class LowerPass(CustomGraphPass):
-    """`run` as Inductor's joint custom pass, with a uuid that keeps the caches honest."""
+    """`run` as Inductor's joint custom pass, with a uuid that keeps the caches honest.
 
-    def __init__(self, lowering: Lowering = Lowering.AUTO, rule: Fallback = Fallback.NEVER):
+    observe: called with each graph's module before it is lowered (the backend's report of
+    what it rewrote); no part of the uuid, as it changes nothing in the graph.
+    """
+
+    def __init__(
+        self,
+        lowering: Lowering = Lowering.AUTO,
+        rule: Fallback = Fallback.NEVER,
+        observe: Callable[[fx.GraphModule], None] | None = None,
+    ):
         self.lowering = lowering
         self.rule = rule
+        self.observe = observe
 
     def __call__(self, graph: fx.Graph) -> None:
+        if self.observe is not None:
+            self.observe(graph.owning_module)
         run(graph, self.lowering, self.rule)
 
     def uuid(self) -> str:

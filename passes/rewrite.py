@@ -29,13 +29,20 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
 from torch import fx
 from torch._dynamo.source import AttrSource
 
 from gradq_fx import ops, stats
 from gradq_fx.config import GradQConfig, QuantSpec, Role, lsq_operand
-from gradq_fx.passes.annotate import Decision, Kind, arguments, conv2d_geometry, parameter_of
+from gradq_fx.passes.annotate import (
+    Decision,
+    Kind,
+    arguments,
+    conv2d_geometry,
+    parameter_of,
+    top_placeholder,
+)
+from gradq_fx.passes.subgraphs import Scope, scopes, thread
 
 
 def _at_8_bits(spec: QuantSpec) -> str:
@@ -80,20 +87,20 @@ def site_for(
     )
 
 
-def _probe(gm: fx.GraphModule, weight: fx.Node, site: ops.GemmSite, config: GradQConfig):
-    """A get_attr node for the weight's statistics probe, or None (see `gradq_fx.stats`).
+def _probe(scope: Scope, weight: fx.Node, site: ops.GemmSite, config: GradQConfig):
+    """A node of `scope`'s graph for the weight's statistics probe, or None (`gradq_fx.stats`).
 
     The probe is a [3] parameter that backward fills with the wgrad gradient's quantization
     statistics. It hangs on the weight (one per weight, shared by every graph compiled for
-    it), and is registered on the graph module so AOTAutograd treats it as an input.
+    it), and is registered on the top graph module so AOTAutograd treats it as an input; a
+    body of a higher-order op (activation checkpointing) gets it as one more operand.
     """
-    parameter = parameter_of(weight)
+    parameter = parameter_of(weight, scope)
     if not config.stats or not site.dgrad_b[1] or parameter is None:
         return None
-    probe = getattr(parameter, stats.PROBE_ATTRIBUTE, None)
-    if probe is None:
-        probe = torch.nn.Parameter(torch.zeros(3, device=parameter.device))
-        setattr(parameter, stats.PROBE_ATTRIBUTE, probe)
+    probe = stats.new_probe(parameter)
+    top = scope.top
+    gm = top.module
     # Several GEMMs may read one weight (LSQ's q, k and v blocks of a fused qkv weight): they
     # share its probe, registered once, and their statistics add up in its gradient.
     registered = {id(p): n for n, p in gm.named_parameters()}
@@ -104,28 +111,25 @@ def _probe(gm: fx.GraphModule, weight: fx.Node, site: ops.GemmSite, config: Grad
         # AOTAutograd asks Dynamo where each parameter of a Dynamo graph lives (for its
         # guards): on the weight, under the probe attribute.
         if hasattr(gm, "_param_name_to_source"):
-            weight_source = _placeholder(weight).meta["grapharg"].source
+            weight_source = top_placeholder(weight, scope).meta["grapharg"].source
             gm._param_name_to_source[name] = AttrSource(weight_source, stats.PROBE_ATTRIBUTE)
-    return gm.graph.get_attr(name)
+    node = next(iter(top.graph.find_nodes(op="get_attr", target=name)), None)
+    if node is None:
+        with top.graph.inserting_after(top.placeholders()[-1]):
+            node = top.graph.get_attr(name)
+    return thread(node, scope)
 
 
-def _placeholder(node: fx.Node) -> fx.Node:
-    """The weight's placeholder behind views, LSQ and q/k/v blocks (each reads args[0])."""
-    while node.op != "placeholder":
-        node = node.args[0]
-    return node
-
-
-def _replacement(gm: fx.GraphModule, node: fx.Node, decision: Decision, config: GradQConfig):
+def _replacement(scope: Scope, node: fx.Node, decision: Decision, config: GradQConfig):
     """(function, args, kwargs) of the gradq call that replaces `node`."""
     named = arguments(node)
     if decision.kind is Kind.LINEAR:  # F.linear(x, W, b), or matmul(x, W) with W [K, N]
         site = site_for(decision.module, config, True, decision.lsq_bits)
         if "weight" in named:
-            probe = _probe(gm, named["weight"], site, config)
+            probe = _probe(scope, named["weight"], site, config)
             args = (named["input"], named["weight"], named.get("bias"))
             return ops.quantized_linear, args, {"site": site, "probe": probe}
-        probe = _probe(gm, named["other"], site, config)
+        probe = _probe(scope, named["other"], site, config)
         args = (named["input"], named["other"])
         return ops.quantized_matmul, args, {"site": site, "probe": probe}
     if decision.kind is Kind.MATMUL:
@@ -133,7 +137,7 @@ def _replacement(gm: fx.GraphModule, node: fx.Node, decision: Decision, config: 
         return ops.quantized_matmul, (named["input"], named["other"]), {"site": site}
     if decision.kind is Kind.CONVOLUTION:  # a conv2d that is a GEMM (annotate checked it)
         site = site_for(decision.module, config, right_is_weight=True)
-        probe = _probe(gm, named["weight"], site, config)
+        probe = _probe(scope, named["weight"], site, config)
         g = conv2d_geometry(node)
         args = (named["input"], named["weight"], named["bias"])
         args += (g.stride, g.padding, g.dilation, g.groups)
@@ -149,19 +153,23 @@ def _replacement(gm: fx.GraphModule, node: fx.Node, decision: Decision, config: 
 
 
 def run(gm: fx.GraphModule, config: GradQConfig) -> int:
-    """Rewrite the nodes `annotate` marked; return how many were rewritten."""
+    """Rewrite the nodes `annotate` marked, in the top graph and in the bodies of higher-order
+    ops (`subgraphs.REWRITTEN`); return how many were rewritten."""
     rewritten = 0
-    for node in list(gm.graph.nodes):
-        decision = node.meta.get("gradq")
-        if decision is None or not decision.quantize:
-            continue
-        with gm.graph.inserting_before(node):
-            function, args, kwargs = _replacement(gm, node, decision, config)
-            new = gm.graph.call_function(function, args, kwargs)
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
-        rewritten += 1
-    gm.graph.lint()
-    gm.recompile()
+    found = scopes(gm)
+    for scope in found:
+        for node in list(scope.graph.nodes):
+            decision = node.meta.get("gradq")
+            if decision is None or not decision.quantize:
+                continue
+            with scope.graph.inserting_before(node):
+                function, args, kwargs = _replacement(scope, node, decision, config)
+                new = scope.graph.call_function(function, args, kwargs)
+            new.meta = dict(node.meta)
+            node.replace_all_uses_with(new)
+            scope.graph.erase_node(node)
+            rewritten += 1
+    for scope in found:  # a body's probe adds an operand to its op in the parent's graph
+        scope.graph.lint()
+        scope.module.recompile()
     return rewritten

@@ -1,11 +1,32 @@
-"""Shared fixtures: tiny timm models (compiling on 2 CPU cores is slow) and a clean Dynamo."""
+"""Shared fixtures: tiny timm models (compiling on 2 CPU cores is slow) and a clean Dynamo;
+and the `interpret` marker, which runs tests in Triton's CPU interpreter.
+
+Tests marked `interpret` run gradq's Triton kernels in Triton's CPU interpreter. Triton reads
+TRITON_INTERPRET when `triton` is imported (its library functions, tl.zeros and tl.rand among
+them, are kernels too) and when each kernel is decorated. This process imported triton before
+any test ran (torch._dynamo does), so setting the variable here would come too late, and it
+would leak into every later Inductor compile. Instead the `interpret` tests of the session run
+together in one child pytest process started with TRITON_INTERPRET=1, and each of them here
+reports its child's outcome (passed, skipped, or failed with the child's report). With
+TRITON_INTERPRET=1 already set (the child itself, or `TRITON_INTERPRET=1 pytest tests`), they
+run in place.
+"""
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import timm
 import torch
 from torch._dynamo.utils import counters
+
+from gradq_fx.kernels import triton_installed, triton_interpreting
 
 
 @pytest.fixture(autouse=True)
@@ -39,3 +60,82 @@ def tiny_model(name: str, fused_attn: bool = True, **overrides) -> tuple[torch.n
     finally:
         timm.layers.set_fused_attn(previous)
     return model, size
+
+
+# -- the `interpret` marker -------------------------------------------------------------
+
+_REPORT_ENV = "GRADQ_INTERPRETER_REPORT"  # the child appends one JSON line per test phase here
+_CHILD_TIMEOUT_S = 900
+_child_outcomes: dict[str, dict] = {}
+_child_output: list[str] = []
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "interpret: runs Triton kernels in Triton's CPU interpreter (a child process with "
+        "TRITON_INTERPRET=1 unless this one has it)",
+    )
+
+
+def pytest_runtest_logreport(report):
+    """In the child: record each phase's outcome for the parent."""
+    path = os.environ.get(_REPORT_ENV)
+    if path and "interpret" in report.keywords:
+        text = report.longreprtext
+        if report.skipped and isinstance(report.longrepr, tuple):
+            text = report.longrepr[2]  # (path, line, reason)
+        record = {"nodeid": report.nodeid, "outcome": report.outcome, "text": text}
+        with open(path, "a", encoding="utf-8") as file:
+            file.write(json.dumps(record) + "\n")
+
+
+def _run_child(session) -> None:
+    nodeids = [item.nodeid for item in session.items if item.get_closest_marker("interpret")]
+    root = Path(session.config.rootpath)
+    with tempfile.TemporaryDirectory() as folder:
+        report = Path(folder) / "report.jsonl"
+        report.touch()
+        env = {**os.environ, "TRITON_INTERPRET": "1", _REPORT_ENV: str(report)}
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+        command += ["--rootdir", str(root), *nodeids]
+        try:
+            done = subprocess.run(
+                command,
+                cwd=root,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=_CHILD_TIMEOUT_S,
+            )
+            _child_output.append(done.stdout[-6000:] + done.stderr[-4000:])
+        except subprocess.TimeoutExpired as error:
+            _child_output.append(f"the interpreter process ran past {error.timeout} s")
+        rank = {"passed": 0, "skipped": 1, "failed": 2}
+        for line in report.read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            previous = _child_outcomes.get(record["nodeid"])
+            if previous is None or rank[record["outcome"]] > rank[previous["outcome"]]:
+                _child_outcomes[record["nodeid"]] = record
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem):
+    """In the parent: answer an `interpret` test with its outcome in the child."""
+    if pyfuncitem.get_closest_marker("interpret") is None or triton_interpreting():
+        return None
+    if not triton_installed():
+        pytest.skip("triton is not installed")
+    if not _child_output:
+        _run_child(pyfuncitem.session)
+    record = _child_outcomes.get(pyfuncitem.nodeid)
+    if record is None:
+        pytest.fail(
+            "no result from the TRITON_INTERPRET=1 process; its output:\n" + _child_output[0],
+            pytrace=False,
+        )
+    if record["outcome"] == "skipped":
+        pytest.skip(f"in the TRITON_INTERPRET=1 process: {record['text']}")
+    if record["outcome"] == "failed":
+        pytest.fail(f"in the TRITON_INTERPRET=1 process:\n{record['text']}", pytrace=False)
+    return True

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib.metadata
 import itertools
+import json
+import logging
 import re
 
 import pytest
@@ -15,7 +17,9 @@ import torch
 from torch._dynamo.utils import counters
 
 import gradq_fx
-from gradq_fx.backend import gradq_backend
+from gradq_fx.backend import gradq_backend, to_config
+from gradq_fx.config import GradQConfig
+from gradq_fx.passes import prepare
 from gradq_fx.quantizer import sqnr_db
 from tests.conftest import tiny_model
 
@@ -180,6 +184,62 @@ def test_bad_options_raise_clear_errors():
     # Through torch.compile the error surfaces at the first call, wrapped by Dynamo.
     with pytest.raises(Exception, match="option 'gradient_rounding' must be one of"):
         torch.compile(model, backend="gradq", options={"gradient_rounding": "up"})(x)
+
+
+# --- scripts that can only name the backend ------------------------------------------------
+
+
+def test_gradq_options_environment_applies_under_explicit_options(monkeypatch):
+    monkeypatch.setenv("GRADQ_OPTIONS", '{"exclude": ["2"], "gradient_quantizer": "minmax"}')
+    assert to_config(None) == GradQConfig.from_options(
+        {"exclude": ["2"], "gradient_quantizer": "minmax"}
+    )
+    # Explicit options win, key by key; a GradQConfig is taken as it is.
+    assert to_config({"exclude": []}).exclude == ()
+    assert to_config({"exclude": []}).gradient.clipping.value == "minmax"
+    assert to_config(GradQConfig()) == GradQConfig()
+    # A compile without options sees them: the second Linear ("2") stays float.
+    decisions = []
+
+    def backend(gm, example_inputs):
+        decisions.extend(prepare(gm, to_config(None)))
+        return gm.forward
+
+    torch.compile(mlp(), backend=backend)(torch.randn(3, 37))
+    assert [d.quantize for d in decisions] == [True, False]
+
+
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [
+        ("{not json", "GRADQ_OPTIONS must be a JSON object"),
+        ('["exclude"]', "GRADQ_OPTIONS must be a JSON object"),
+        ('{"lowering": "fast"}', "GRADQ_OPTIONS: option 'lowering' must be one of"),
+        ('{"bogus": 1}', "GRADQ_OPTIONS: unknown gradq option.*'bogus'"),
+    ],
+)
+def test_bad_gradq_options_environment_raises_naming_the_variable(monkeypatch, value, match):
+    monkeypatch.setenv("GRADQ_OPTIONS", value)
+    with pytest.raises(ValueError, match=match):
+        to_config({"stats": False})
+
+
+def test_each_compiled_graph_logs_its_coverage_and_writes_its_report(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("GRADQ_REPORT", str(tmp_path))
+    monkeypatch.setenv("GRADQ_OPTIONS", '{"exclude": ["2"]}')
+    model, x = mlp(), torch.randn(197, 37)
+    with caplog.at_level(logging.INFO, logger="gradq_fx"):
+        step(model, x, "gradq_eager")
+    (line,) = [r.getMessage() for r in caplog.records if "GEMMs rewritten" in r.getMessage()]
+    # Linear 0's three GEMMs; Linear 2 excluded by GRADQ_OPTIONS.
+    assert "graph 0/0 (training): 3 GEMMs rewritten (3 in INT8)" in line
+    assert "lowering: reference" in line and "kept float by the options 3" in line
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # nothing unreachable
+    text, data = (tmp_path / "gradq-0-0.txt").read_text(), (tmp_path / "gradq-0-0.json")
+    report = json.loads(data.read_text())
+    assert report["config"]["exclude"] == ["2"] and len(report["gemms"]) == 3
+    assert {op["module"] for op in report["float_ops"]} == {"2"}
+    assert "excluded by config (exclude pattern '2')" in text
 
 
 # --- Inductor --------------------------------------------------------------------------------

@@ -161,7 +161,7 @@ def test_a_fallen_back_wgrad_records_exact_statistics(slow_first_layer):
     # Layer "0"'s wgrad runs in float: its gradient is used as it is (cosine 1, error 0), and
     # the adaptive learning rate leaves the layer alone. Layer "2" records its quantization's.
     model = mlp()
-    train_step(model, torch.randn(7, 13), {"lowering": "triton"})
+    train_step(model, torch.randn(7, 13), {"lowering": "triton", "stats": True})
     recorded = stats.stats(model)
     assert (recorded["0"].cosine.item(), recorded["0"].relative_error.item()) == (1.0, 0.0)
     assert 0.9 < recorded["2"].cosine.item() < 1.0 and recorded["2"].relative_error.item() > 0
@@ -169,10 +169,10 @@ def test_a_fallen_back_wgrad_records_exact_statistics(slow_first_layer):
 
 def test_lowered_graph_keeps_int8_kernels_for_the_fast_gemms(slow_first_layer):
     from gradq_fx.config import Fallback, GradQConfig, Lowering
-    from gradq_fx.report import _capture
+    from gradq_fx.report import capture
 
     x = torch.randn(7, 13, requires_grad=True)
-    (captured,) = _capture(mlp(), (x,), GradQConfig(), training=True)
+    (captured,) = capture(mlp(), (x,), GradQConfig(), training=True)
     graph = captured.graph.graph
     fake_mode = torch._guards.detect_fake_mode([n.meta.get("val") for n in graph.nodes])
     with fake_mode:

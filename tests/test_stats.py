@@ -55,7 +55,7 @@ def test_probe_gradient_is_the_wgrad_gradient_statistics():
 
 def test_stats_of_a_compiled_model_cover_every_linear_and_accumulate():
     model, size = tiny_model("deit_tiny_patch16_224")
-    compiled = torch.compile(model, backend="gradq_eager")
+    compiled = torch.compile(model, backend="gradq_eager", options={"stats": True})
     x = torch.randn(2, 3, size, size)
     for _ in range(2):
         compiled(x).square().mean().backward()
@@ -100,9 +100,9 @@ def test_kernel_lowerings_record_the_reference_statistics(lowering):
         compiled(torch.randn(2, 3, 5, 5)).square().mean().backward()
         return {name: layer.cosine for name, layer in stats.stats(model).items()}
 
-    expected = recorded({"lowering": "reference"})
+    expected = recorded({"lowering": "reference", "stats": True})
     assert set(expected) == {"0", "2"}
-    actual = recorded({"lowering": lowering})
+    actual = recorded({"lowering": lowering, "stats": True})
     assert actual.keys() == expected.keys()
     for name, cosine in expected.items():
         assert torch.equal(actual[name], cosine), name
@@ -118,7 +118,8 @@ def test_statistics_share_the_wgrads_iqr_clip_in_inductors_code(lowering):
     torch._dynamo.reset()
     model = torch.nn.Sequential(torch.nn.Linear(13, 17), torch.nn.GELU(), torch.nn.Linear(17, 5))
     x = torch.randn(7, 13, requires_grad=True)
-    compiled = torch.compile(model, backend="gradq", options={"lowering": lowering})
+    options = {"lowering": lowering, "stats": True}
+    compiled = torch.compile(model, backend="gradq", options=options)
     _, codes = run_and_get_code(lambda: compiled(x).sum().backward())
     assert set(stats.stats(model)) == {"0", "2"}
     # 2 layers x (dgrad's dY rows, wgrad's dY^T rows); the 2 probes add none.

@@ -52,7 +52,7 @@ DEFAULT_LR = {"adamw": 1e-3, "sgd": 0.05}
 # The gradq options of each INT8 precision, before the component flags and --option.
 PRECISION_OPTIONS: dict[str, dict[str, Any]] = {
     "int8-naive": {"gradient_quantizer": "minmax", "gradient_scaling": False, "stats": False},
-    "gradq": {},
+    "gradq": {"stats": True},  # the adaptive learning rate reads them
 }
 # Component flags: field -> the gradq option it sets (None: not an option, the loss).
 COMPONENT_FLAGS: dict[str, tuple[str, Any] | None] = {

@@ -173,6 +173,21 @@ def test_kernel_inside_torch_compile():
     assert_equal(compiled(a, b, row_scale, col_scale), fn(a, b, row_scale, col_scale))
 
 
+@interpret
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=str)
+def test_kernel_nan_scales_make_their_rows_and_columns_nan(out_dtype):
+    # A NaN scale is how a quantized operand says its slice held a NaN or an Inf: the
+    # epilogue must carry it to every output the slice feeds, and nowhere else.
+    a, b = random_int8(17, 33, seed=1), random_int8(33, 5, seed=2)
+    row_scale, col_scale = random_scales(17, seed=3), random_scales(5, seed=4)
+    row_scale[3] = col_scale[2] = float("nan")
+    out = int8_scaled_mm(a, b, row_scale, col_scale, None, out_dtype)
+    nan = torch.zeros(17, 5, dtype=torch.bool)
+    nan[3, :] = nan[:, 2] = True
+    assert torch.isnan(out[nan]).all() and torch.isfinite(out[~nan]).all()
+    assert_equal(out[~nan], expected(a, b, row_scale, col_scale, None, out_dtype)[~nan])
+
+
 # -- the launchers' torch path, validation, registration -----------------------------------
 
 

@@ -127,3 +127,18 @@ def test_fake_gives_one_float32_clip_per_row():
 def test_kernel_on_cuda(shape):
     x = make_rows(*shape, torch.float32, seed=7)
     assert_same_clip(iqr_clip_rows(x.cuda(), 8).cpu(), x, 8)
+
+
+@interpret
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=str)
+def test_kernel_clip_of_a_row_with_nan_or_inf_is_nan(value):
+    x = make_rows(13, 70, torch.float32, seed=11)
+    x[2, 0] = value  # the outlier row
+    x[7, 69] = value  # in the last, ragged tile
+    bad = torch.zeros(13, dtype=torch.bool)
+    bad[[2, 7]] = True
+    clip = iqr_clip_rows(x, 8)
+    reference = quantizer.clip_value(x, QuantSpec(clipping=Clipping.IQR))
+    assert torch.isnan(clip[bad]).all()
+    assert not torch.isfinite(reference[bad]).any()  # the reference's: NaN or Inf, not finite
+    assert_same_clip(clip[~bad], x[~bad], 8)

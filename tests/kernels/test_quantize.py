@@ -275,6 +275,69 @@ def test_invalid_inputs_raise_value_error(fn, kwargs, match):
         fn(**kwargs)
 
 
+NONFINITE = [float("nan"), float("inf"), float("-inf")]
+
+
+def with_nonfinite(value: float, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows (13 x 37) where rows 4 and 9 hold `value` once (row 9 in its last column), and
+    which rows those are."""
+    x = make_rows(13, 37, dtype, seed=5)
+    x[4, 9] = value
+    x[9, 36] = value
+    bad = torch.zeros(13, dtype=torch.bool)
+    bad[[4, 9]] = True
+    return x, bad
+
+
+def assert_nonfinite_rows(q, scale, x, spec, bad):
+    """Rows holding a NaN or an Inf get scale NaN and codes 0; the other rows, the reference's
+    quantization (bit for bit; least-squares scales to float rounding)."""
+    q_ref, scale_ref = expected(x, spec)
+    assert torch.isnan(scale_ref[bad]).all() and (q_ref[bad] == 0).all()  # the reference's rule
+    assert torch.isnan(scale[bad]).all() and (q[bad] == 0).all()
+    assert torch.equal(q[~bad], q_ref[~bad])
+    rtol = scaled_rtol(x.shape[1]) if spec.scaling else 0.0
+    torch.testing.assert_close(scale[~bad], scale_ref[~bad], rtol=rtol, atol=0)
+
+
+@interpret
+@pytest.mark.parametrize("scaling", [False, True], ids=["unscaled", "scaled"])
+@pytest.mark.parametrize("mode", ["minmax_in_kernel", "iqr"])
+@pytest.mark.parametrize("value", NONFINITE, ids=str)
+def test_kernel_rows_with_nan_or_inf_get_a_nan_scale(value, mode, scaling):
+    x, bad = with_nonfinite(value)
+    spec, clip = spec_and_clip(x, mode)
+    spec = QuantSpec(granularity=spec.granularity, clipping=spec.clipping, scaling=scaling)
+    q, scale = quantize_rows(x, clip, scaling=scaling)
+    assert_nonfinite_rows(q, scale, x, spec, bad)
+    q_t, scale_t = quantize_rows(x, clip, scaling=scaling, transpose=True)
+    assert torch.equal(q_t, q.t()) and torch.equal(scale_t.isnan(), scale.isnan())
+
+
+@interpret
+@pytest.mark.parametrize("scaling", [False, True], ids=["unscaled", "scaled"])
+@pytest.mark.parametrize("value", NONFINITE, ids=str)
+def test_kernel_per_tensor_with_nan_or_inf_is_nan_everywhere(value, scaling):
+    x, _ = with_nonfinite(value, torch.bfloat16)
+    spec, clip = spec_and_clip(x, "per_tensor")
+    q, scale = quantize_rows(x, clip, scaling=scaling)
+    assert torch.isnan(scale).all() and (q == 0).all()
+    q_ref, scale_ref = expected(x, QuantSpec(granularity=spec.granularity, scaling=scaling))
+    assert torch.isnan(scale_ref).all() and (q_ref == 0).all()
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("value", NONFINITE, ids=str)
+def test_reference_carries_nan_and_inf_into_the_scale(value, mode):
+    x, bad = with_nonfinite(value)
+    spec, clip = spec_and_clip(x, mode)
+    q, scale = quantize_rows_reference(x, clip)
+    if mode == "per_tensor":
+        assert torch.isnan(scale).all() and (q == 0).all()
+    else:
+        assert_nonfinite_rows(q, scale, x, spec, bad)
+
+
 # -- the compiled kernel on CUDA -----------------------------------------------------------
 
 

@@ -10,7 +10,7 @@ import torch
 from gradq_fx import kernels, quantizer
 from gradq_fx.config import GradQConfig, Lowering
 from gradq_fx.passes import lower
-from gradq_fx.report import _capture
+from gradq_fx.report import capture
 
 
 def two_linears() -> torch.nn.Module:
@@ -25,7 +25,7 @@ def test_lowers_every_gradq_gemm_of_the_joint_graph():
     model = two_linears()
     config = GradQConfig.from_options({"wgrad": False})
     x = torch.randn(7, 13, requires_grad=True)  # so the first layer has a dgrad too
-    (captured,) = _capture(model, (x,), config, training=True)
+    (captured,) = capture(model, (x,), config, training=True)
     graph = captured.graph.graph
     gradq_nodes = [n for n in graph.nodes if n.target is torch.ops.gradq.mm.default]
     quantized = [n for n in gradq_nodes if n.args[3] and n.args[4]]
@@ -65,7 +65,7 @@ def test_uuid_hashes_the_source_of_numerics_ops_passes_and_kernels(tmp_path, mon
 
 def lowered_graph(model, x, options, lowering: Lowering):
     """The joint graph of `model` on `x` with gradq's rewrite, lowered as `lowering` says."""
-    (captured,) = _capture(model, (x,), GradQConfig.from_options(options), training=True)
+    (captured,) = capture(model, (x,), GradQConfig.from_options(options), training=True)
     graph = captured.graph.graph
     fake_mode = torch._guards.detect_fake_mode([n.meta.get("val") for n in graph.nodes])
     with fake_mode:
@@ -92,10 +92,9 @@ def test_fused_lowering_leaves_the_quantize_to_inductor():
     graph = lowered_graph(model, x, {}, Lowering.FUSED)
     assert count(graph, torch.ops.gradq.int8_scaled_mm.default) == 6
     assert count(graph, torch.ops.gradq.quantize_rows.default) == 0
-    # Per-row iqr clips keep their kernel: the 4 gradient operands' (2 layers x dgrad, wgrad)
-    # and the 2 layers' statistics probes'; each of the 12 operands' rounding is a plain aten
-    # op (the other rounds are the probes').
-    assert count(graph, torch.ops.gradq.iqr_clip_rows.default) == 6
+    # Per-row iqr clips keep their kernel: the 4 gradient operands' (2 layers x dgrad,
+    # wgrad); each of the 12 operands' rounding is a plain aten op.
+    assert count(graph, torch.ops.gradq.iqr_clip_rows.default) == 4
     triton = lowered_graph(model, x, {}, Lowering.TRITON)
     rounds = count(graph, torch.ops.aten.round.default)
     assert rounds - count(triton, torch.ops.aten.round.default) == 12

@@ -60,7 +60,7 @@ def test_gemm_convolution_becomes_quantized_conv2d_with_site_and_probe():
     seen = {}
 
     def backend(gm, example_inputs):
-        config = GradQConfig()
+        config = GradQConfig(stats=True)
         annotate.run(gm, config)
         before = [n.meta["example_value"] for n in gm.graph.nodes if "gradq" in n.meta]
         assert rewrite.run(gm, config) == 1  # the depthwise conv stays

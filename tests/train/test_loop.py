@@ -76,7 +76,7 @@ def test_gradq_training_loss_falls_and_reports_the_rewrite(idx_dir, tmp_path):
     assert result["backend"] == "gradq_eager"  # the CPU default
     # One block: qkv, proj, fc1, fc2, the head, and the patch-embedding convolution.
     assert result["gradq_rewritten_ops"] == 6
-    assert result["gradq_options"] == GradQConfig().to_options()
+    assert result["gradq_options"] == GradQConfig(stats=True).to_options()
     assert TrainConfig(**result["config"]).uses_ch_loss and result["adaptive_lr"]
     # AdaptiveLR scaled each quantized layer's learning rate in the last step, by
     # max(exp(-20 (1 - cosine)), 0.1): a factor in [0.1, 1].

@@ -13,7 +13,7 @@ from gradq_fx.train.settings import TrainConfig
 def test_precision_options():
     assert TrainConfig(precision="fp32").gradq_options() is None
     assert TrainConfig(precision="bf16").gradq_options() is None
-    assert TrainConfig(precision="gradq").gradq_options() == {}
+    assert TrainConfig(precision="gradq").gradq_options() == {"stats": True}
     assert TrainConfig(precision="int8-naive").gradq_options() == {
         "gradient_quantizer": "minmax",
         "gradient_scaling": False,
@@ -30,6 +30,7 @@ def test_component_flags_and_options_merge_in_order():
     )
     # --option applies last: it overrides what --no-iqr set.
     assert config.gradq_options() == {
+        "stats": True,
         "gradient_quantizer": "iqr",
         "gradient_scaling": False,
         "gradient_bits": 6,
