@@ -333,12 +333,33 @@ def _lsq_text(bits: tuple[int | None, int | None], right_is_weight: bool) -> str
     return f"W{right}A{left}" if right_is_weight else f"A{left}A{right}"
 
 
+# Attribute names under which torch and timm wrappers hold the module they wrap: DDP,
+# DataParallel and timm's ModelEma ("module"), torch.compile ("_orig_mod"), FSDP1 and
+# checkpoint_wrapper. A glob names the wrapped model's modules ("head"), whatever wraps it.
+_WRAPPER_ROOTS = ("module.", "_orig_mod.")
+_WRAPPER_SEGMENTS = re.compile(r"(^|\.)(_fsdp_wrapped_module|_checkpoint_wrapped_module)(?=\.|$)")
+
+
+def unwrapped(module: str) -> str:
+    """A module path without the wrappers' attribute names: 'module.blocks.0.
+    _checkpoint_wrapped_module.attn' -> 'blocks.0.attn'."""
+    module = _WRAPPER_SEGMENTS.sub("", module).lstrip(".")
+    while module.startswith(_WRAPPER_ROOTS):
+        module = module.split(".", 1)[1]
+    return module
+
+
+def _matches(module: str, pattern: str) -> bool:
+    """Whether a glob names the module, as Dynamo's path spells it or without wrappers."""
+    return any(fnmatch.fnmatchcase(path, pattern) for path in (module, unwrapped(module)))
+
+
 def filter_reason(module: str, config: GradQConfig) -> str | None:
     """Why the include/exclude globs keep this module in float, or None if they do not."""
-    if not any(fnmatch.fnmatchcase(module, pattern) for pattern in config.include):
+    if not any(_matches(module, pattern) for pattern in config.include):
         return f"not matched by include={list(config.include)}"
     for pattern in config.exclude:
-        if fnmatch.fnmatchcase(module, pattern):
+        if _matches(module, pattern):
             return f"excluded by config (exclude pattern {pattern!r})"
     return None
 

@@ -179,6 +179,59 @@ def test_bad_use_raises():
         stats.AdaptiveLR(adaptive.optimizer, floor=0)
 
 
+def test_the_scaler_and_the_optimizer_step_apply_it_and_a_skipped_step_does_not():
+    weight = torch.nn.Parameter(torch.ones(4))
+    probe = stats.new_probe(weight)
+    optimizer = torch.optim.SGD([weight], lr=0.5)
+    adaptive = stats.AdaptiveLR(optimizer)
+    factor = math.exp(-20.0 * 0.01)
+    weight.grad, probe.grad = torch.ones(4), torch.tensor([0.99, 0.0, 1.0])
+    optimizer.step()  # the optimizer's own step: hooked
+    torch.testing.assert_close(weight.detach(), torch.full((4,), 1 - 0.5 * factor))
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    scaler.scale(torch.ones(()))  # as a loss would be: grads are the scaled ones
+    weight.grad, probe.grad = torch.full((4,), float("inf")), torch.tensor([0.5, 0.5, 1.0])
+    before = weight.detach().clone()
+    scaler.step(optimizer)  # an overflow: no step, no scaling, the statistics wait
+    assert torch.equal(weight.detach(), before) and probe.grad is not None
+    scaler.update()  # halves the scale: the next gradients arrive scaled by 0.5
+    weight.grad = torch.full((4,), scaler.get_scale())
+    probe.grad = torch.tensor([0.99, 0.0, 1.0])
+    scaler.step(optimizer)
+    torch.testing.assert_close(weight.detach(), before - 0.5 * factor)
+    assert optimizer.param_groups[0]["lr"] == 0.5
+    adaptive.remove()
+    weight.grad, probe.grad = torch.ones(4), torch.tensor([0.5, 0.5, 1.0])
+    optimizer.step()  # unhooked: the group's own lr
+    torch.testing.assert_close(weight.detach(), before - 0.5 * factor - 0.5)
+
+
+def test_adaptive_lr_without_statistics_says_how_to_get_them():
+    model = torch.nn.Linear(8, 3)
+    torch.compile(model, backend="gradq_eager")(torch.randn(4, 8)).sum().backward()  # stats off
+    optimizer = torch.optim.SGD(stats.param_groups(model), lr=0.1)
+    stats.AdaptiveLR(optimizer)
+    with pytest.raises(ValueError, match="options=\\{'stats': True\\}"):
+        optimizer.step()
+    with pytest.raises(ValueError, match="torch.optim.Optimizer"):
+        stats.AdaptiveLR(model)
+
+
+def test_statistics_never_accumulate_past_the_window(monkeypatch):
+    monkeypatch.setattr(stats, "WINDOW", 3)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 3))
+    compiled = torch.compile(model, backend="gradq_eager", options={"stats": True})
+    cosines = []
+    for _ in range(6):  # nothing resets them: a loop that never reads the statistics
+        compiled(torch.randn(16, 8)).square().sum().backward()
+        cosines.append(stats.stats(model)["0"].cosine.item())
+    for layer in stats.stats(model).values():
+        assert layer.steps.item() == pytest.approx(3.0)  # counted up to the window, no more
+        assert 0.9 < layer.cosine.item() <= 1.0 and 0 <= layer.relative_error.item() < 0.1
+    assert min(cosines) <= stats.stats(model)["0"].cosine.item() <= max(cosines)
+
+
 def test_param_groups_put_each_linear_and_conv_alone():
     model = torch.nn.Sequential(
         torch.nn.Conv2d(3, 4, 1), torch.nn.Flatten(), torch.nn.Linear(4, 4),

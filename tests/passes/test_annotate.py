@@ -191,3 +191,32 @@ def test_dense_convolution_reason_says_when_per_row_becomes_per_image():
     assert found["dense"].quantize and "per_row" not in found["dense"].reason
     found = conv_decisions(GradQConfig.from_options({"gradient_granularity": "per_row"}))
     assert "per_row scales X (forward) and dY (dgrad) per image" in found["dense"].reason
+
+
+class Ema(torch.nn.Module):
+    """A wrapper that holds its model as `.module`, as DDP and timm's ModelEma do."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.module = model
+
+    def forward(self, *args):
+        return self.module(*args)
+
+
+def test_globs_name_the_wrapped_models_modules():
+    # timm's train.py compiles its ModelEmaV3 as it is: Dynamo names the head "module.head",
+    # and exclude=["head"] must still keep it float.
+    captured = []
+
+    def backend(gm, example_inputs):
+        captured.extend(annotate.run(gm, GradQConfig.from_options({"exclude": ["head"]})))
+        return gm.forward
+
+    torch.compile(Ema(Zoo()), backend=backend)(torch.randn(2, 5, 8), torch.randn(1, 2, 7, 7))
+    linears = {d.module: d for d in captured if d.kind is Kind.LINEAR}
+    assert not linears["module.head"].quantize
+    assert "exclude pattern 'head'" in linears["module.head"].reason
+    assert linears["module.proj"].quantize
+    assert annotate.unwrapped("module.blocks.0._checkpoint_wrapped_module.attn") == "blocks.0.attn"
+    assert annotate.unwrapped("modules.x") == "modules.x"  # not a wrapper's attribute
