@@ -364,33 +364,43 @@ def capture(
 # --- analysis ------------------------------------------------------------------------------
 
 
+def _size(value) -> int:
+    """A size as an int, without the guard int() would add to a symbolic size (which would
+    make Dynamo recompile a dynamic-shape graph for every size): its example value."""
+    if isinstance(value, torch.SymInt):
+        hint = value.node.hint
+        return 0 if hint is None else int(hint)  # an unbacked size has no example value
+    return int(value)
+
+
 def _shape(node) -> tuple[int, ...]:
-    return tuple(int(s) for s in node.meta["val"].shape)
+    return tuple(_size(s) for s in node.meta["val"].shape)
 
 
 def _flops(node: fx.Node, output_mask: list[bool] | None = None) -> int:
     if node.target is torch.ops.gradq.mm.default:
         a, b = node.args[0].meta["val"], node.args[1].meta["val"]
-        return 2 * math.prod(int(s) for s in a.shape) * int(b.shape[-1])
+        return 2 * math.prod(_size(s) for s in a.shape) * _size(b.shape[-1])
     if node.target is torch.ops.gradq.conv2d.default:
         # Every role multiplies each dY-shaped [N, O, H', W'] value by C kh kw weights (or
         # inputs): the forward's count, whatever zeros a lowering adds.
         a, b, out = node.args[0].meta["val"], node.args[1].meta["val"], node.meta["val"]
         dy, weight = {"forward": (out, b), "dgrad": (a, b), "wgrad": (b, out)}[node.args[8]]
-        return 2 * math.prod(int(s) for s in dy.shape) * math.prod(int(s) for s in weight.shape[1:])
+        products = math.prod(_size(s) for s in dy.shape)
+        return 2 * products * math.prod(_size(s) for s in weight.shape[1:])
     if node.target in (_FLEX_FORWARD, _FLEX_BACKWARD):
         query, key, value = (node.args[i].meta["val"].shape for i in range(3))
         if node.target is _FLEX_FORWARD:
-            return int(sdpa_flop_count(query, key, value))
+            return _size(sdpa_flop_count(query, key, value))
         grad_out = node.args[5].meta["val"].shape
-        return int(sdpa_backward_flop_count(grad_out, query, key, value))
+        return _size(sdpa_backward_flop_count(grad_out, query, key, value))
     packet = _FLOP_ALIASES.get(node.target.overloadpacket, node.target.overloadpacket)
     args, kwargs = torch.utils._pytree.tree_map_only(
         fx.Node, lambda n: n.meta["val"], (node.args, node.kwargs)
     )
     if output_mask is not None:  # convolution_backward: count only the masked-in outputs
         args = (*args[:-1], output_mask)
-    return int(flop_registry[packet](*args, out_val=node.meta["val"], **kwargs))
+    return _size(flop_registry[packet](*args, out_val=node.meta["val"], **kwargs))
 
 
 def _conv_wgrad_flops(node: fx.Node) -> int:
@@ -404,7 +414,7 @@ def _conv_wgrad_flops(node: fx.Node) -> int:
     grad_out, x, weight = (node.args[i].meta["val"] for i in range(3))
     if node.args[7]:  # transposed
         return _flops(node, [False, True, False])
-    return int(conv_flop_count(list(x.shape), list(weight.shape), list(grad_out.shape)))
+    return _size(conv_flop_count(list(x.shape), list(weight.shape), list(grad_out.shape)))
 
 
 def _is_matmul_like(node: fx.Node) -> bool:

@@ -113,8 +113,13 @@ def check_net(options: dict, width: int = 64, cases=EVERY_CASE):
     check(model, compiled, lambda *case: inputs(*case, width=width), cases)
 
 
-@pytest.mark.parametrize("lowering", LOWERINGS)
-@pytest.mark.parametrize("name", sorted(OPTIONS))
+# Every option with the reference lowering; the defaults with each lowering (on CPU tensors
+# the kernel lowerings run their references in their own graph structure).
+SWEEP = [(name, "reference") for name in sorted(OPTIONS)]
+SWEEP += [("defaults", lowering) for lowering in LOWERINGS if lowering != "reference"]
+
+
+@pytest.mark.parametrize(("name", "lowering"), SWEEP)
 def test_a_bad_input_or_gradient_stays_non_finite(name, lowering):
     check_net({**OPTIONS[name], "lowering": lowering})
 
@@ -160,8 +165,11 @@ def check_conv(options: dict, cases=EVERY_CASE):
     check(model, compiled, conv_inputs, cases)
 
 
-@pytest.mark.parametrize("lowering", LOWERINGS)
-@pytest.mark.parametrize("name", ["defaults", "per_tensor", "iqs", "w4a4"])
+CONV_SWEEP = [(name, "reference") for name in ("defaults", "per_tensor", "iqs", "w4a4")]
+CONV_SWEEP += [("defaults", lowering) for lowering in LOWERINGS if lowering != "reference"]
+
+
+@pytest.mark.parametrize(("name", "lowering"), CONV_SWEEP)
 def test_convolutions_keep_a_bad_value_non_finite(name, lowering):
     check_conv({**OPTIONS[name], "lowering": lowering})
 
