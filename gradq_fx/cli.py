@@ -178,6 +178,14 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("run")
     run.add_argument("--device", choices=DEVICES, default=d.device)
     run.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=d.dist_timeout,
+        metavar="SECONDS",
+        help="under torchrun: how long a collective waits for the other processes before it "
+        "fails with an error",
+    )
+    run.add_argument(
         "--log-every", type=int, default=d.log_every, metavar="N", help="progress every N steps"
     )
     run.add_argument(

@@ -196,15 +196,18 @@ if triton is not None:
     # input channels at one window position: channel counts below it waste part of a step.
     from gradq_fx.kernels.gemm import INTERPRETER_CONFIGS, tile_config
 
-    # Tiles that ptxas (sm_90a, Triton 3.8) fits in registers without spilling
-    # (tests/kernels/test_cuda_compile.py); the window's index arithmetic costs registers that
-    # a plain GEMM's loop does not, so the tiles are smaller than gemm.py's. Not timed yet.
+    # Tiles that ptxas (sm_90a) fits in registers without spilling under both Triton 3.6 and
+    # 3.8 (tests/kernels/test_cuda_compile.py); the window's index arithmetic costs registers
+    # that a plain GEMM's loop does not, so the tiles are smaller than gemm.py's. Under 3.6,
+    # 64x128x64 (8 warps) and 32x128x64 (4 warps) spilled 20 and 844 bytes, and no tile with
+    # BLOCK_K 64 over 32 x 128 fits both versions: 32x128x64 and 32x64x64 at 8 warps took
+    # their places. Not timed yet.
     _CUDA_CONFIGS = [
-        tile_config(64, 128, 64, stages=4, warps=8),
         tile_config(64, 128, 32, stages=4, warps=8),
         tile_config(128, 64, 32, stages=4, warps=8),
+        tile_config(32, 128, 64, stages=4, warps=8),
         tile_config(64, 64, 32, stages=4, warps=4),
-        tile_config(32, 128, 64, stages=4, warps=4),
+        tile_config(32, 64, 64, stages=4, warps=8),
         tile_config(32, 64, 32, stages=4, warps=4),
     ]
 

@@ -8,6 +8,7 @@ the run is a single process and every collective here is the identity.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 from typing import Any
 
@@ -28,15 +29,22 @@ class Distributed:
         return self.rank == 0
 
     @classmethod
-    def setup(cls, device: str = "auto") -> Distributed:
-        """Pick the device ('auto': CUDA when present) and join torchrun's process group."""
+    def setup(cls, device: str = "auto", timeout: float = 1800.0) -> Distributed:
+        """Pick the device ('auto': CUDA when present) and join torchrun's process group.
+
+        timeout: seconds a collective waits for the other processes; past it, the waiting
+        process fails with the collective's error (a process left alone by another that
+        skipped or never reached a collective stops, rather than waiting for ever)."""
         if device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda: no CUDA device is available")
         use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         owns_group = False
         if world_size > 1 and not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+            dist.init_process_group(
+                backend="nccl" if use_cuda else "gloo",
+                timeout=datetime.timedelta(seconds=timeout),
+            )
             owns_group = True
         rank = dist.get_rank() if world_size > 1 else 0
         if use_cuda:

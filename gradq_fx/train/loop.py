@@ -91,7 +91,7 @@ class Trainer:
 
     def __init__(self, config: TrainConfig):
         self.config = config
-        self.dist = Distributed.setup(config.device)
+        self.dist = Distributed.setup(config.device, config.dist_timeout)
         try:
             self._setup()
         except BaseException:

@@ -63,7 +63,7 @@ COMPONENT_FLAGS: dict[str, tuple[str, Any] | None] = {
 }
 # Fields that may change when a run is resumed: they do not change what is computed.
 RESUMABLE_CHANGES = frozenset(
-    {"data_dir", "workers", "log_every", "out", "resume", "stop_after", "device"}
+    {"data_dir", "workers", "log_every", "out", "resume", "stop_after", "device", "dist_timeout"}
 )
 
 
@@ -112,6 +112,7 @@ class TrainConfig:
     seed: int = 0
     # run
     device: str = "auto"
+    dist_timeout: float = 1800.0  # seconds a collective may wait under torchrun (torch's default)
     log_every: int = 50
     out: str | None = None  # None: runs/<model>-<precision>-seed<seed>
     resume: bool = False
@@ -150,6 +151,10 @@ class TrainConfig:
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{flag(field)} must be an integer >= 0, got {value!r}")
+        if isinstance(self.dist_timeout, bool) or not (
+            isinstance(self.dist_timeout, (int, float)) and self.dist_timeout > 0
+        ):
+            raise ValueError(f"--dist-timeout must be a positive number, got {self.dist_timeout!r}")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"--lr must be positive, got {self.lr!r}")
         if not self.weight_decay >= 0:
