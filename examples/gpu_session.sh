@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What gradq needs measured on a lent GPU, one device call (the device tool's `run`) each:
 #   bash examples/gpu_session.sh [QUICK]           GPU tests, kernel bench, DeiT-B step bench
-#   bash examples/gpu_session.sh STEP MODEL BATCH [PX]  one more step bench (issue 3 and 6
+#   bash examples/gpu_session.sh STEP MODEL BATCH [PX]  one more step bench (the GPU
 #        targets: swin_base_patch4_window7_224 64, mobilevit_s 128 224, mobilevit_xxs 128 224)
 # installs gradq into the machine's python3 (torch, triton and timm are already there; nothing
 # is fetched) and leaves the results in $OUT (at most 8 files come back): gpu-tests.log,
@@ -12,14 +12,15 @@ OUT=${OUT:-out/gpu-session}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 # Each autotuning of gradq's kernels prints its duration into bench.log: the share of gradq's
-# compile time (issue 3: at most 2x bf16 torch.compile's) that tile tuning takes.
+# compile time (the target: at most 2x bf16 torch.compile's) that tile tuning takes.
 export TRITON_PRINT_AUTOTUNING=1
 log="$OUT/bench.log"
 
 {
   date -u +%FT%TZ
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-  python3 -c "import torch, triton, timm; print(torch.__version__, triton.__version__, timm.__version__)"
+  # The versions found, against the stacks gradq is tested with (gradq_fx/versions.py).
+  python3 gradq_fx/versions.py check
 } >"$log" 2>&1
 
 python3 -m pip install -q --no-deps --no-build-isolation -e . >>"$log" 2>&1 || exit 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import gc
 import os
 from typing import Any
 
@@ -77,5 +78,12 @@ class Distributed:
         return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
     def close(self) -> None:
+        """Destroy the process group this object initialised. Free the DDP wrappers first:
+        under torch 2.11 (2 CPU processes, gloo), rank 0 once hung for minutes after training:
+        its DDP reducer, freed after `destroy_process_group`, freed the gloo group last, and
+        the group's destructor never finished joining its threads. The collection here frees
+        wrappers kept only by reference cycles, so that the group is freed inside
+        `destroy_process_group`."""
         if self.owns_group:
+            gc.collect()
             dist.destroy_process_group()

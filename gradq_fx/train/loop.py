@@ -492,6 +492,7 @@ class Trainer:
             return result
         finally:
             torch._dynamo.config.optimize_ddp = optimize_ddp
+            self.train_net = self.net  # free DDP before its process group (`Distributed.close`)
             self.dist.close()
 
     def _write_epoch(self) -> None:
