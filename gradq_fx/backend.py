@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from gradq_fx import report
+from gradq_fx import regions, report
 from gradq_fx.config import GradQConfig, Lowering
 from gradq_fx.passes import lower, prepare
 
@@ -74,10 +74,10 @@ def example_device(example_inputs: Sequence[Any]) -> torch.device:
 
 
 class Observer:
-    """What one compile of one Dynamo graph rewrote: the lowering pass shows it each graph it
-    lowers (before lowering), and `announce` logs and writes the report of the graph
-    AOTAutograd derived from the Dynamo graph (not those Inductor compiles for the bodies of
-    higher-order ops, which it may lower first)."""
+    """What one compile of a rewritten graph (a Dynamo graph, or a piece of one split at its
+    blocks) rewrote: the lowering pass shows it each graph it lowers (before lowering), and
+    `report` is that of the graph AOTAutograd derived from the compiled one (not those
+    Inductor compiles for the bodies of higher-order ops, which it may lower first)."""
 
     def __init__(self, gm: fx.GraphModule, example_inputs, decisions, config: GradQConfig):
         # After the rewrite: its statistics probes, registered on gm, are the first primals.
@@ -100,24 +100,28 @@ class Observer:
             return  # a body Inductor compiles on its own
         self.report = report.analyse([captured], self.config, self.training)
 
-    def announce(self) -> None:
-        name = _graph_name()
-        if self.report is None:
-            log.info(
-                "gradq: graph %s came from the compile cache, compiled with the same "
-                "rewrite (its report is written when it compiles: %s=DIR with a cleared cache)",
-                name,
-                REPORT_VARIABLE,
-            )
-            return
-        mode = "training" if self.report.training else "inference"
-        log.info("gradq: graph %s (%s): %s", name, mode, self.report.summary())
-        warning = self.report.warning()
-        if warning is not None:
-            log.warning("gradq: graph %s: %s", name, warning)
-        folder = os.environ.get(REPORT_VARIABLE)
-        if folder:
-            write_report(self.report, Path(folder), name)
+
+def announce(found: report.Report | None) -> None:
+    """Log a compiled graph's summary (INFO) and what stays float where gradq cannot rewrite it
+    (WARNING); write its report under GRADQ_REPORT. `found` is None when the graph came from
+    Inductor's caches, whose hits skip gradq's passes."""
+    name = _graph_name()
+    if found is None:
+        log.info(
+            "gradq: graph %s came from the compile cache, compiled with the same "
+            "rewrite (its report is written when it compiles: %s=DIR with a cleared cache)",
+            name,
+            REPORT_VARIABLE,
+        )
+        return
+    mode = "training" if found.training else "inference"
+    log.info("gradq: graph %s (%s): %s", name, mode, found.summary())
+    warning = found.warning()
+    if warning is not None:
+        log.warning("gradq: graph %s: %s", name, warning)
+    folder = os.environ.get(REPORT_VARIABLE)
+    if folder:
+        write_report(found, Path(folder), name)
 
 
 def _graph_name() -> str:
@@ -170,11 +174,14 @@ def gradq_backend(
     config = to_config(options)
     device = example_device(example_inputs)
     lower.resolve(config.lowering, device)  # fail before rewriting anything
-    observer = Observer(gm, example_inputs, prepare(gm, config), config)
-    patches = inductor_patches(config, device, mode, observer)
-    compiled = compile_fx(gm, example_inputs, config_patches=patches)
-    observer.announce()
-    return compiled
+    decisions = prepare(gm, config)
+
+    def compile_graph(graph: fx.GraphModule, inputs: Sequence[Any]) -> regions.Compiled:
+        observer = Observer(graph, inputs, decisions, config)
+        patches = inductor_patches(config, device, mode, observer)
+        return compile_fx(graph, inputs, config_patches=patches), observer.report
+
+    return _compile(gm, example_inputs, config, compile_graph)
 
 
 def gradq_eager_backend(
@@ -192,27 +199,56 @@ def gradq_eager_backend(
 
     config = to_config(options)
     lowering = lower.resolve(config.lowering, example_device(example_inputs))
-    observer = Observer(gm, example_inputs, prepare(gm, config), config)
+    decisions = prepare(gm, config)
 
-    def lowered(graph: fx.GraphModule) -> fx.GraphModule:
-        observer(graph)
-        lower.run(graph.graph, lowering, config.fallback)
-        graph.recompile()
-        return graph
+    def compile_graph(graph: fx.GraphModule, inputs: Sequence[Any]) -> regions.Compiled:
+        observer = Observer(graph, inputs, decisions, config)
 
-    def partition(joint, joint_inputs, **kwargs):
-        return default_partition(lowered(joint), joint_inputs, **kwargs)
+        def lowered(joint: fx.GraphModule) -> fx.GraphModule:
+            observer(joint)
+            lower.run(joint.graph, lowering, config.fallback)
+            joint.recompile()
+            return joint
 
-    compiled = aot_module_simplified(
-        gm,
-        example_inputs,
-        fw_compiler=lambda graph, _inputs: make_boxed_func(graph.forward),
-        bw_compiler=lambda graph, _inputs: make_boxed_func(graph.forward),
-        inference_compiler=lambda graph, _inputs: make_boxed_func(lowered(graph).forward),
-        partition_fn=partition,
-        decompositions=select_decomp_table(),
-    )
-    observer.announce()
+        def partition(joint, joint_inputs, **kwargs):
+            return default_partition(lowered(joint), joint_inputs, **kwargs)
+
+        compiled = aot_module_simplified(
+            graph,
+            inputs,
+            fw_compiler=lambda fw, _inputs: make_boxed_func(fw.forward),
+            bw_compiler=lambda bw, _inputs: make_boxed_func(bw.forward),
+            inference_compiler=lambda fw, _inputs: make_boxed_func(lowered(fw).forward),
+            partition_fn=partition,
+            decompositions=select_decomp_table(),
+        )
+        return compiled, observer.report
+
+    return _compile(gm, example_inputs, config, compile_graph)
+
+
+def _compile(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    config: GradQConfig,
+    compile_graph: regions.Compiler,
+):
+    """Compile the rewritten graph with `compile_graph`, each repeated block once
+    (`compile_once`), and announce what was rewritten."""
+    split = None
+    if config.compile_once:
+        split = regions.compile_blocks(gm, example_inputs, compile_graph)
+    if split is None:
+        compiled, found = compile_graph(gm, example_inputs)
+    else:
+        compiled, found = split.module, split.report
+        log.info(
+            "gradq: graph %s: split into %d pieces at its repeated blocks, %d compiled",
+            _graph_name(),
+            split.pieces,
+            split.compiled,
+        )
+    announce(found)
     return compiled
 
 

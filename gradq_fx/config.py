@@ -190,6 +190,10 @@ class GradQConfig:
       GEMM ran at 0.60x of bf16; INT8 is only worth its error where it is faster, so each
       shape where it measures slower on the device runs as the float GEMM, and the report
       says so.
+    - `compile_once` on: a model's repeated blocks (a ViT's `blocks.0` ... `blocks.11`) are
+      the same code on different weights, so the backend compiles each distinct block once
+      and runs it for every instance (`gradq_fx.regions`); the same numbers, a fraction of
+      the compile time. Off: the whole graph is compiled as one.
     """
 
     weight: QuantSpec = QuantSpec()
@@ -205,12 +209,13 @@ class GradQConfig:
     lowering: Lowering = Lowering.AUTO
     convolutions: bool = True
     fallback: Fallback = Fallback.SLOWER
+    compile_once: bool = True
 
     def __post_init__(self):
         for name in ("weight", "activation", "gradient"):
             if not isinstance(getattr(self, name), QuantSpec):
                 raise ValueError(f"{name} must be a QuantSpec, got {getattr(self, name)!r}")
-        for name in ("forward", "dgrad", "wgrad", "stats", "convolutions"):
+        for name in ("forward", "dgrad", "wgrad", "stats", "convolutions", "compile_once"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.attention, Attention):
@@ -269,6 +274,7 @@ class GradQConfig:
         out["lowering"] = self.lowering.value
         out["convolutions"] = self.convolutions
         out["fallback"] = self.fallback.value
+        out["compile_once"] = self.compile_once
         return out
 
 
@@ -354,6 +360,7 @@ OPTIONS = {
     "wgrad": _set_bool,
     "stats": _set_bool,
     "convolutions": _set_bool,
+    "compile_once": _set_bool,
     "attention": _set_choice(Attention),
     "lowering": _set_choice(Lowering),
     "fallback": _set_choice(Fallback),

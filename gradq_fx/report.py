@@ -31,6 +31,7 @@ from torch.utils.flop_counter import (
     sdpa_flop_count,
 )
 
+from gradq_fx import stats
 from gradq_fx.config import GradQConfig, Granularity, Role, decode_operand, operand_bits
 from gradq_fx.passes import prepare
 from gradq_fx.passes.annotate import Decision, Reason, module_path
@@ -317,9 +318,10 @@ class Captured:
 def primal_parameters(gm: fx.GraphModule, inputs: Sequence[Any]) -> list[bool]:
     """Whether each primal AOTAutograd makes of a rewritten Dynamo graph is a weight: the graph
     module's own parameters (gradq's statistics probes, whose gradients are statistics, not
-    weight gradients) come first, then Dynamo's inputs."""
+    weight gradients) come first, then the inputs (a probe is an input of a piece of a split
+    graph, `gradq_fx.regions`)."""
     probes = [False] * len(list(gm.parameters()))
-    return probes + [isinstance(i, torch.nn.Parameter) for i in inputs]
+    return probes + [isinstance(i, torch.nn.Parameter) and not stats.is_probe(i) for i in inputs]
 
 
 def capture(

@@ -25,6 +25,7 @@ import torch
 
 # The attribute of a weight Parameter that holds its probe (set by gradq's rewrite).
 PROBE_ATTRIBUTE = "gradq_stats_probe"
+_IS_PROBE = "gradq_is_probe"  # set on each probe
 # A probe's sums stop growing past this many backward passes: older ones are scaled down,
 # so that a loop that never resets them (nothing reads them) accumulates nothing unbounded.
 WINDOW = 1024
@@ -36,6 +37,7 @@ def new_probe(parameter: torch.nn.Parameter) -> torch.nn.Parameter:
     if probe is None:
         probe = torch.nn.Parameter(torch.zeros(3, device=parameter.device))
         probe.register_post_accumulate_grad_hook(_bound)
+        setattr(probe, _IS_PROBE, True)
         setattr(parameter, PROBE_ATTRIBUTE, probe)
     return probe
 
@@ -54,6 +56,11 @@ class LayerStats:
     cosine: torch.Tensor
     relative_error: torch.Tensor
     steps: torch.Tensor
+
+
+def is_probe(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is a statistics probe (its gradient holds statistics, not a weight's)."""
+    return getattr(tensor, _IS_PROBE, False)
 
 
 def probe_of(parameter: torch.nn.Parameter) -> torch.nn.Parameter | None:
