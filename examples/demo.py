@@ -37,7 +37,7 @@ def main() -> int:
     compiled = gradq_fx.compile(model, config)
 
     print(f"{args.model} at {args.img_size}px, batch {args.batch_size}, gradq INT8 training")
-    print("step 1 compiles the forward and backward graphs (a few minutes on 2 CPU cores) ...")
+    print("step 1 compiles the forward and backward graphs (about a minute on 2 CPU cores) ...")
     for step in range(1, args.steps + 1):
         start = time.perf_counter()
         optimizer.zero_grad()

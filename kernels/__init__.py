@@ -38,10 +38,17 @@ def use_triton(tensor: torch.Tensor) -> bool:
     return tensor.is_cuda or (tensor.device.type == "cpu" and triton_interpreting())
 
 
+# Each autotuned kernel keeps the tile it chose per shape on disk, in Triton's cache directory
+# (keyed by the kernel's source, the configs and Triton's version), so that a new process
+# launches the chosen tile at once instead of timing every config again.
+PERSIST_AUTOTUNING = True
+
+
 def reset_autotuning() -> None:
-    """Forget the tile each of gradq's autotuned kernels chose per shape in this process, so
-    that their next launches tune again, as in a fresh process (`bench` does this before it
-    times a compile). Triton's compiled binaries stay cached."""
+    """Forget the tile each of gradq's autotuned kernels chose per shape, in this process and
+    on disk for the rest of it, so that their next launches tune again, as in a fresh process
+    with an empty cache (`bench` does this before it times a cold compile). Triton's
+    compiled binaries stay cached."""
     if not triton_installed():
         return
     from triton.runtime.autotuner import Autotuner
@@ -52,3 +59,4 @@ def reset_autotuning() -> None:
         for value in vars(module).values():
             if isinstance(value, Autotuner):
                 value.cache.clear()
+                value.cache_results = False

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from gradq_fx.kernels import use_triton
+from gradq_fx.kernels import PERSIST_AUTOTUNING, use_triton
 from gradq_fx.kernels.int_mm import conv2d_output_size, int8_conv2d
 
 try:
@@ -214,6 +214,7 @@ if triton is not None:
     @triton.autotune(
         configs=INTERPRETER_CONFIGS if triton.knobs.runtime.interpret else _CUDA_CONFIGS,
         key=["P", "C", "OC", "KH", "KW", "stride_xc", "HAS_BIAS"],
+        cache_results=PERSIST_AUTOTUNING,
     )
     @triton.jit
     def _int8_conv2d_kernel(

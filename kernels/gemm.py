@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from gradq_fx.kernels import use_triton
+from gradq_fx.kernels import PERSIST_AUTOTUNING, use_triton
 from gradq_fx.kernels.int_mm import int8_gemm
 
 try:
@@ -244,6 +244,7 @@ if triton is not None:
     @triton.autotune(
         configs=INTERPRETER_CONFIGS if triton.knobs.runtime.interpret else _CUDA_CONFIGS,
         key=["M", "N", "K", "stride_ak", "stride_bn", "HAS_BIAS"],
+        cache_results=PERSIST_AUTOTUNING,
     )
     @triton.jit
     def _int8_scaled_mm_kernel(

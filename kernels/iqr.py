@@ -41,7 +41,7 @@ import torch
 
 from gradq_fx import quantizer
 from gradq_fx.config import Clipping, QuantSpec
-from gradq_fx.kernels import use_triton
+from gradq_fx.kernels import PERSIST_AUTOTUNING, use_triton
 from gradq_fx.kernels.quantize import check_rows
 
 try:
@@ -114,6 +114,7 @@ if triton is not None:
     @triton.autotune(
         configs=_INTERPRETER_CONFIGS if triton.knobs.runtime.interpret else _CUDA_CONFIGS,
         key=["C", "stride_xc"],
+        cache_results=PERSIST_AUTOTUNING,
     )
     @triton.jit
     def _iqr_clip_kernel(

@@ -52,7 +52,7 @@ import torch
 
 from gradq_fx import quantizer
 from gradq_fx.config import Clipping, QuantSpec, Rounding
-from gradq_fx.kernels import use_triton
+from gradq_fx.kernels import PERSIST_AUTOTUNING, use_triton
 
 try:
     import triton
@@ -240,6 +240,7 @@ if triton is not None:
     @triton.autotune(
         configs=_INTERPRETER_CONFIGS if triton.knobs.runtime.interpret else _CUDA_CONFIGS,
         key=["R", "C", "stride_xc", "stride_qc", "HAS_CLIP", "STOCHASTIC"],
+        cache_results=PERSIST_AUTOTUNING,
     )
     @triton.jit
     def _quantize_rows_kernel(

@@ -32,6 +32,7 @@ class Setting:
     compiler: str | None  # None (eager), "inductor" or "gradq"
     # gradq options this setting fixes, over --option's: (key, value) pairs.
     options: tuple[tuple[str, str], ...] = ()
+    default: bool = True  # run when --settings is not given
 
 
 SETTINGS: dict[str, Setting] = {
@@ -41,10 +42,16 @@ SETTINGS: dict[str, Setting] = {
         Setting("bf16-eager", autocast=True, compiler=None),
         Setting("bf16-compile", autocast=True, compiler="inductor"),
         Setting("gradq", autocast=True, compiler="gradq"),
-        # The other kernel lowering (issue 3: measure both, make the faster the default).
+        # The other kernel lowering: both are measured, the faster should be the default.
         Setting("gradq-fused", autocast=True, compiler="gradq", options=(("lowering", "fused"),)),
+        # Without autocast: compile time and steps against plain torch.compile in float32.
+        Setting("fp32-compile", autocast=False, compiler="inductor", default=False),
+        Setting("gradq-fp32", autocast=False, compiler="gradq", default=False),
     )
 }
+
+
+DEFAULT_SETTINGS = tuple(name for name, setting in SETTINGS.items() if setting.default)
 
 
 def parse_settings(text: str) -> tuple[str, ...]:
@@ -188,7 +195,7 @@ class BenchConfig:
             patch_size=pick("patch_size", model_specific=True),
             batch_size=pick("batch_size"),
             num_classes=pick("num_classes"),
-            settings=self.settings or (None if self.kernels else tuple(SETTINGS)),
+            settings=self.settings or (None if self.kernels else DEFAULT_SETTINGS),
             options=self.options or (None if self.kernels else ()),
             candidates=self.candidates or (tuple(KERNEL_CANDIDATES) if self.kernels else None),
             max_tokens=pick("max_tokens") if self.kernels else None,
@@ -226,7 +233,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     step.add_argument(
         "--settings",
         metavar="LIST",
-        help=f"comma-separated subset of {', '.join(SETTINGS)} (default: all)",
+        help=f"comma-separated subset of {', '.join(SETTINGS)} "
+        f"(default: {','.join(DEFAULT_SETTINGS)})",
     )
     step.add_argument(
         "--option",
