@@ -49,7 +49,7 @@ def _key_table():
         [member.value for member in Clipping],
         lambda c: c.gradient.clipping.value,
     )
-    for flag in ("forward", "dgrad", "wgrad", "stats", "convolutions"):
+    for flag in ("forward", "dgrad", "wgrad", "stats", "convolutions", "compile_once"):
         table[flag] = ([True, False], lambda c, f=flag: getattr(c, f))
     table["attention"] = ([member.value for member in Attention], lambda c: c.attention.value)
     table["lowering"] = (
@@ -91,6 +91,7 @@ def test_defaults():
     assert config.lowering is Lowering.AUTO
     assert config.fallback is Fallback.SLOWER
     assert config.convolutions is True
+    assert config.compile_once is True
     assert config.include == ("*",)
     assert config.exclude == ()
     assert all(config.quantizes(role) for role in Role)
@@ -218,7 +219,10 @@ BAD_CASES = (
     + [("attention", "fp8", _ENUM_CHOICES["attention"])]
     + [("lowering", "cublas", ["auto", "reference", "inductor_template", "triton", "fused"])]
     + [("fallback", "always", ["slower", "never"])]
-    + [(flag, "yes", ["True", "False"]) for flag in ("forward", "dgrad", "wgrad", "convolutions")]
+    + [
+        (flag, "yes", ["True", "False"])
+        for flag in ("forward", "dgrad", "wgrad", "convolutions", "compile_once")
+    ]
     + [(f"{op}_scaling", 1, ["True", "False"]) for op in OPERANDS]
     + [("forward", 1, ["True", "False"])]
     + [(globs, 3, ["glob"]) for globs in ("include", "exclude")]

@@ -78,12 +78,15 @@ class Distributed:
         return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
     def close(self) -> None:
-        """Destroy the process group this object initialised. Free the DDP wrappers first:
-        under torch 2.11 (2 CPU processes, gloo), rank 0 once hung for minutes after training:
-        its DDP reducer, freed after `destroy_process_group`, freed the gloo group last, and
-        the group's destructor never finished joining its threads. The collection here frees
-        wrappers kept only by reference cycles, so that the group is freed inside
-        `destroy_process_group`."""
+        """Destroy the process group this object initialised. Free the DDP wrappers first.
+
+        Under torch 2.11 (2 CPU processes, gloo; 3 runs in 12 of the torchrun test, 0 in 14
+        with this order) rank 0 deadlocked at exit: its DDP reducer, freed after
+        `destroy_process_group`, held the group's last reference, so the group's destructor
+        ran with the GIL held and joined a gloo worker that was freeing a finished
+        all-gather's tensors, which needs the GIL. Freed by `destroy_process_group` itself,
+        the group's destructor releases the GIL. The collection here frees wrappers kept
+        only by reference cycles."""
         if self.owns_group:
             gc.collect()
             dist.destroy_process_group()

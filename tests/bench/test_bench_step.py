@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from gradq_fx.bench.chart import chart_size
-from gradq_fx.bench.config import SETTINGS
+from gradq_fx.bench.config import DEFAULT_SETTINGS, SETTINGS
 from gradq_fx.bench.results import SCHEMA, environment, write_json
 from gradq_fx.bench.step import (
     BASELINES,
@@ -118,7 +118,7 @@ def test_step_smoke_on_cpu(tmp_path, capsys):
     assert "bench: gradq: first step (compiling)..." in captured.err
     assert "vs bf16-compile" in captured.out
     report = StepReport.from_dict(json.loads((tmp_path / "bench.json").read_text()))
-    assert list(report.results) == list(SETTINGS)
+    assert list(report.results) == list(DEFAULT_SETTINGS)
     for name, result in report.results.items():
         assert result.error is None
         assert len(result.samples_ms) == 2
@@ -132,5 +132,5 @@ def test_step_smoke_on_cpu(tmp_path, capsys):
     assert "peak_memory" in report.notes
     assert report.model["parameters"] > 0 and report.timing["iters"] == 2
     with Image.open(tmp_path / "bench.png") as image:
-        assert image.size == chart_size(len(SETTINGS))
+        assert image.size == chart_size(len(DEFAULT_SETTINGS))
         image.verify()
