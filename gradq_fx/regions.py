@@ -32,6 +32,7 @@ across a block's boundary are given up, which change no value at float32.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -45,6 +46,8 @@ from gradq_fx.report import Report
 # (compiled callable, its report or None when it came from a cache)
 Compiled = tuple[Callable[..., Any], Report | None]
 Compiler = Callable[[fx.GraphModule, Sequence[Any]], Compiled]
+
+log = logging.getLogger("gradq_fx")
 
 _INSTANCE = re.compile(r"^(?P<container>.*)\.(?P<index>\d+)$")
 
@@ -211,6 +214,14 @@ def compile_blocks(
     `compile_piece`; None when `gm` has no repeated block (compile it whole)."""
     found = instances(gm)
     if not found:
+        return None
+    missing = [
+        n.name
+        for n in gm.graph.nodes
+        if n.op not in ("placeholder", "get_attr", "output") and "example_value" not in n.meta
+    ]
+    if missing:  # a piece's inputs are these values: without them, compile the graph whole
+        log.info("gradq: no example value for %s; the graph compiles whole", missing[:3])
         return None
     by_name = {node.name: node for node in gm.graph.nodes}
     # A piece's placeholder is named after the node of `gm` that feeds it: one of gm's inputs
