@@ -19,10 +19,10 @@ runs every instance on that instance's weights:
              ... piece_n(x, ...)                          (compiled)
 
 What stays per instance: the report's rows (the compiled piece's rows, each module path
-moved to the instance's), and anything that makes an instance different code. A block
-excluded by a glob has no gradq ops where its siblings have them, so it compiles on its own;
-so does a block with statistics probes (`stats=True`: each layer's probe is its own
-attribute of the graph, not an input).
+moved to the instance's), the statistics probes (`stats=True`: attributes of the graph,
+which become inputs of the pieces like the weights), and anything that makes an instance
+different code: a block excluded by a glob has no gradq ops where its siblings have them,
+so it compiles on its own.
 
 The numbers are those of compiling the whole graph: each piece computes its nodes as the
 whole graph would (Inductor keeps each output's strides, `keep_output_stride`); only fusions

@@ -106,8 +106,10 @@ def test_a_block_excluded_by_a_glob_compiles_on_its_own(caplog):
         assert torch.equal(grad, whole_grads[name]), name
 
 
-def test_statistics_probes_stay_per_layer():
-    _, _, model = _step("deit_tiny_patch16_224", "gradq_eager", {"stats": True})
+def test_statistics_probes_stay_per_layer(caplog):
+    with caplog.at_level(logging.INFO, logger="gradq_fx"):
+        _, _, model = _step("deit_tiny_patch16_224", "gradq_eager", {"stats": True})
+    assert _split_line(caplog) == (5, 3)  # the probes are inputs: the blocks share a compile
     _, _, whole = _step(
         "deit_tiny_patch16_224", "gradq_eager", {"stats": True, "compile_once": False}
     )
