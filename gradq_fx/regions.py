@@ -41,6 +41,7 @@ import torch
 from torch import fx
 from torch.fx.passes.split_module import split_module
 
+from gradq_fx.passes.annotate import dotted, moved_path
 from gradq_fx.report import Report
 
 # (compiled callable, its report or None when it came from a cache)
@@ -55,7 +56,7 @@ _INSTANCE = re.compile(r"^(?P<container>.*)\.(?P<index>\d+)$")
 def _chain(node: fx.Node) -> list[tuple[str, type | str]]:
     """(module path, class) of each module the node ran in, outermost first ('' is the model)."""
     stack = node.meta.get("nn_module_stack") or {}
-    return [(re.sub(r"^L\['[^']*'\]\.?", "", path), kind) for path, kind in stack.values()]
+    return [(dotted(path), kind) for path, kind in stack.values()]
 
 
 def _signature(nodes: list[fx.Node]) -> tuple:
@@ -121,13 +122,6 @@ def _partitions(
     return partition, paths
 
 
-def _renamed(text: str, old: str, new: str) -> str:
-    """A module path under `old` moved under `new` ('blocks.0.mlp' -> 'blocks.3.mlp')."""
-    if text == old or text.startswith(old + "."):
-        return new + text[len(old) :]
-    return text
-
-
 def _fingerprint(piece: fx.GraphModule, inputs: Sequence[Any], path: str | None) -> tuple:
     """Equal for two pieces that are the same code on inputs of the same layout: nodes with
     their targets and constants (module paths under the instance's read as '<block>'), and
@@ -166,15 +160,15 @@ def _fingerprint(piece: fx.GraphModule, inputs: Sequence[Any], path: str | None)
 def _rename_report(found: Report, old: str, new: str) -> Report:
     """The report of a piece compiled for instance `old`, as instance `new` runs it."""
     gemms = tuple(
-        dataclasses.replace(row, module=_renamed(row.module, old, new)) for row in found.gemms
+        dataclasses.replace(row, module=moved_path(row.module, old, new)) for row in found.gemms
     )
     float_ops = tuple(
-        dataclasses.replace(op, module=_renamed(op.module, old, new)) for op in found.float_ops
+        dataclasses.replace(op, module=moved_path(op.module, old, new)) for op in found.float_ops
     )
     return dataclasses.replace(found, gemms=gemms, float_ops=float_ops)
 
 
-def merge(reports: Sequence[Report]) -> Report:
+def _merge(reports: Sequence[Report]) -> Report:
     """One report of the pieces' reports, in piece order."""
     return dataclasses.replace(
         reports[0],
@@ -197,9 +191,9 @@ class _Piece(torch.nn.Module):
         return out[0] if self.single_output else out
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Split:
-    """What `compile_blocks` did: pieces compiled, pieces reused, and the merged report."""
+    """What `compile_blocks` did: how many pieces, how many compiles, and the merged report."""
 
     module: torch.nn.Module
     report: Report | None
@@ -241,7 +235,6 @@ def compile_blocks(
     split = split_module(gm, gm, lambda node: partition[node], keep_original_order=True)
     cache: dict[tuple, tuple[Callable[..., Any], Report | None, str | None]] = {}
     reports: list[Report | None] = []
-    pieces = 0
     for call in split.graph.find_nodes(op="call_module"):
         piece = getattr(split, call.target)
         inputs = [example(p.name) for p in piece.graph.find_nodes(op="placeholder")]
@@ -261,7 +254,6 @@ def compile_blocks(
             cache[key] = (compiled, piece_report, path)
         reports.append(piece_report)
         setattr(split, call.target, _Piece(compiled, single))
-        pieces += 1
     split.recompile()
-    whole = None if any(r is None for r in reports) else merge(reports)  # type: ignore[arg-type]
-    return Split(split, whole, pieces, len(cache))
+    whole = None if any(r is None for r in reports) else _merge(reports)  # type: ignore[arg-type]
+    return Split(split, whole, len(reports), len(cache))

@@ -257,8 +257,20 @@ def module_path(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack") or node.meta.get("fwd_nn_module_stack") or {}
     if not stack:
         return ""
-    path = list(stack.values())[-1][0]
+    return dotted(list(stack.values())[-1][0])
+
+
+def dotted(path: str) -> str:
+    """A module path as Dynamo spells it ("L['self'].blocks.0") as the model names it."""
     return re.sub(r"^L\['[^']*'\]\.?", "", path)
+
+
+def moved_path(path: str, old: str, new: str) -> str:
+    """`path` moved from under module `old` to under `new` ('blocks.0.mlp' -> 'blocks.3.mlp');
+    a path not under `old` as it is."""
+    if path == old or path.startswith(old + "."):
+        return new + path[len(old) :]
+    return path
 
 
 def _is_view(node: fx.Node) -> bool:

@@ -28,6 +28,7 @@ import operator
 import torch
 from torch import fx
 
+from gradq_fx.passes.annotate import moved_path
 from gradq_fx.passes.subgraphs import scopes
 
 _INVOKE = torch.ops.higher_order.invoke_subgraph
@@ -41,12 +42,7 @@ def _path(node: fx.Node) -> str | None:
 
 def _moved(stack: dict, old: str, new: str) -> dict:
     """nn_module_stack with every path under `old` moved under `new`."""
-    out = {}
-    for key, (path, kind) in stack.items():
-        if path == old or path.startswith(old + "."):
-            path = new + path[len(old) :]
-        out[key] = (path, kind)
-    return out
+    return {key: (moved_path(path, old, new), kind) for key, (path, kind) in stack.items()}
 
 
 def _inline(graph: fx.Graph, call: fx.Node, body: fx.GraphModule, traced: str | None) -> None:
