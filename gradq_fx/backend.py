@@ -25,8 +25,9 @@ from typing import Any
 import torch
 from torch import fx
 
-from gradq_fx import regions, report
-from gradq_fx.config import GradQConfig, Lowering
+from gradq_fx import lowerings, plan, regions, report
+from gradq_fx.aot import aot_eager
+from gradq_fx.config import GradQConfig
 from gradq_fx.passes import lower, prepare
 
 log = logging.getLogger("gradq_fx")
@@ -153,12 +154,9 @@ def inductor_patches(
 ) -> dict[str, Any]:
     """Inductor config for gradq: its joint-graph pass, plus what `mode` and the lowering ask."""
     patches = dict(torch._inductor.list_mode_options(mode)) if mode else {}
-    lowering = lower.resolve(config.lowering, device)  # raises for a lowering the device lacks
-    patches["joint_custom_post_pass"] = lower.LowerPass(lowering, config.fallback, observer)
-    if lowering is Lowering.INDUCTOR_TEMPLATE:
-        # Only Inductor's Triton template fuses the dequantize into the int8 GEMM's epilogue;
-        # cuBLAS would leave it a separate pass over int32.
-        patches.update(max_autotune_gemm=True, max_autotune_gemm_backends="TRITON")
+    lowering = lowerings.resolve(config.lowering, device)  # raises for one the device lacks
+    patches["joint_custom_post_pass"] = lower.LowerPass(lowering.kind, config.fallback, observer)
+    patches.update(lowering.inductor_config())
     return patches
 
 
@@ -173,7 +171,7 @@ def gradq_backend(
 
     config = to_config(options)
     device = example_device(example_inputs)
-    lower.resolve(config.lowering, device)  # fail before rewriting anything
+    lowerings.resolve(config.lowering, device)  # fail before rewriting anything
     decisions = prepare(gm, config)
 
     def compile_graph(graph: fx.GraphModule, inputs: Sequence[Any]) -> regions.Compiled:
@@ -193,36 +191,20 @@ def gradq_eager_backend(
 
     For checking numerics and debugging: compiles in seconds, runs op by op.
     """
-    from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
-    from torch._functorch.partitioners import default_partition
-    from torch._inductor.decomposition import select_decomp_table
-
     config = to_config(options)
-    lowering = lower.resolve(config.lowering, example_device(example_inputs))
+    lowering = lowerings.resolve(config.lowering, example_device(example_inputs)).kind
     decisions = prepare(gm, config)
 
     def compile_graph(graph: fx.GraphModule, inputs: Sequence[Any]) -> regions.Compiled:
         observer = Observer(graph, inputs, decisions, config)
 
-        def lowered(joint: fx.GraphModule) -> fx.GraphModule:
+        def lowered(joint: fx.GraphModule) -> None:
+            plan.run(joint.graph, lowering, config.fallback)
             observer(joint)
-            lower.run(joint.graph, lowering, config.fallback)
+            lower.apply(joint.graph)
             joint.recompile()
-            return joint
 
-        def partition(joint, joint_inputs, **kwargs):
-            return default_partition(lowered(joint), joint_inputs, **kwargs)
-
-        compiled = aot_module_simplified(
-            graph,
-            inputs,
-            fw_compiler=lambda fw, _inputs: make_boxed_func(fw.forward),
-            bw_compiler=lambda bw, _inputs: make_boxed_func(bw.forward),
-            inference_compiler=lambda fw, _inputs: make_boxed_func(lowered(fw).forward),
-            partition_fn=partition,
-            decompositions=select_decomp_table(),
-        )
-        return compiled, observer.report
+        return aot_eager(graph, inputs, lowered), observer.report
 
     return _compile(gm, example_inputs, config, compile_graph)
 

@@ -1,6 +1,6 @@
 """What gradq quantizes and how: frozen dataclasses, built from `torch.compile` options.
 
-Notation (see method.md): a linear layer Y = X W^T has three GEMMs,
+Notation (docs/method.md): a linear layer Y = X W^T has three GEMMs,
 forward Y = X W^T (contracts K), dgrad dX = dY W (contracts N), wgrad dW = dY^T X (contracts M).
 
 A scale can be factored out of an integer GEMM only if it is constant along the contracted
@@ -34,8 +34,8 @@ class Clipping(enum.Enum):
     """How the quantization grid is chosen: a clipping value for the uniform grid, or IQS."""
 
     MINMAX = "minmax"  # absmax of the slice
-    IQR = "iqr"  # fence Q3 + k*IQR of |x|, k picked for the best cosine (method.md item 1)
-    # GradQ-ViT's non-uniform 256-level codebook (method.md item 1). No INT8 GEMM can take
+    IQR = "iqr"  # fence Q3 + k*IQR of |x|, k picked for the best cosine (docs/method.md)
+    # GradQ-ViT's non-uniform 256-level codebook (docs/method.md). No INT8 GEMM can take
     # it: GEMMs with an IQS operand are simulated (decoded operands, float GEMM).
     IQS = "iqs"
 
@@ -46,25 +46,14 @@ class Attention(enum.Enum):
 
 
 class Lowering(enum.Enum):
-    """What each quantized GEMM of the joint graph becomes (`gradq_fx.passes.lower`)."""
+    """How the INT8 GEMMs of the joint graph are computed: each member but AUTO names one
+    lowering object of `gradq_fx.lowerings`, whose module says what it runs."""
 
     AUTO = "auto"  # triton on CUDA (when triton imports), reference elsewhere
-    # The pure-torch numerics of `quantizer.quantized_matmul`, compiled by Inductor (on CUDA
-    # through cuBLAS `_int_mm`; Inductor fuses the quantize and dequantize around it).
-    REFERENCE = "reference"
-    # The same graph, with Inductor's own Triton `_int_mm` template forced (max-autotune GEMM,
-    # Triton backend only) so the dequantize can fuse into its epilogue. CUDA only.
-    INDUCTOR_TEMPLATE = "inductor_template"
-    # gradq's fused Triton kernels (kernels/quantize.py, kernels/gemm.py) as custom ops:
-    # quantize in one pass per operand, dequantize and bias in the GEMM's epilogue. On a
-    # CPU tensor the ops run their pure-torch reference (bit-identical results).
-    TRITON = "triton"
-    # Inductor's own kernels quantize each operand, from the same plain-torch numerics as
-    # `reference`, so it can fuse the quantize into the kernel that produces the operand
-    # (LayerNorm, GELU, a residual add) and recompute it in the backward instead of saving
-    # int8 codes; gradq's Triton GEMM dequantizes in its epilogue (and per-row iqr clips come
-    # from kernels/iqr.py). On a CPU tensor the GEMM runs its reference: `reference`'s bits.
-    FUSED = "fused"
+    REFERENCE = "reference"  # plain torch numerics, compiled by Inductor
+    INDUCTOR_TEMPLATE = "inductor_template"  # the same, Inductor's Triton GEMM template (CUDA)
+    TRITON = "triton"  # gradq's Triton kernels: a quantize launch per operand, one GEMM launch
+    FUSED = "fused"  # Inductor fuses each operand's quantize into its producer; gradq's GEMM
 
 
 class Fallback(enum.Enum):
@@ -89,7 +78,7 @@ class QuantSpec:
 
     qmax = 2^(bits-1) - 1 (127 at 8 bits); -128 is never used, so negation is exact.
     scaling: after rounding, replace each slice's scale by the least-squares one for the chosen
-    integers, <x, q> / <q, q> (GradQ-ViT's gradient scaling, method.md item 3). It aligns the
+    integers, <x, q> / <q, q> (GradQ-ViT's gradient scaling, docs/method.md). It aligns the
     dequantized tensor with x and folds into the GEMM's dequantize scale at no cost.
     """
 
@@ -181,11 +170,12 @@ class GradQConfig:
     - `stats` off: each quantized Linear can record how well its wgrad gradient survives
       quantization (cosine, relative error; `gradq_fx.stats`), which the adaptive learning
       rate reads. It costs one more quantization of dY per layer and step (its per-row iqr
-      clip from `kernels/iqr.py` under the triton and fused lowerings: `ops.stats_triton`),
+      clip from `kernels/iqr.py` under the triton and fused lowerings: `lowerings.triton`),
       so only those who ask for it (GradQ-ViT's adaptive learning rate) pay for it.
-    - `lowering` auto: gradq's fused Triton kernels on CUDA. On an H100 a hand-written Triton
-      INT8 GEMM with the scales in its epilogue ran at 1.10x to 1.26x of bf16 where Inductor's
-      own lowering of the same numerics ran at 0.34x to 0.50x (torch-compile-notes.md).
+    - `lowering` auto: gradq's Triton kernels on CUDA. On an H100 a hand-written Triton INT8
+      GEMM with the scales in its epilogue was reported at 1.10x to 1.26x of bf16 where
+      Inductor's own lowering of the same numerics ran at 0.34x to 0.50x (a measurement made
+      before this repository's kernels; docs/results.md lists such figures).
     - `fallback` slower: the same measurement found a shape (12608 x 768 x 768) where the INT8
       GEMM ran at 0.60x of bf16; INT8 is only worth its error where it is faster, so each
       shape where it measures slower on the device runs as the float GEMM, and the report

@@ -1,23 +1,24 @@
 """Per-shape fallback: a quantized GEMM whose INT8 path is slower than float runs in float.
 
 INT8 trades accuracy for speed, and the trade only pays where the INT8 path is faster. On an
-H100 a Triton INT8 GEMM ran at 1.10-1.26x of cuBLAS bf16 on most ViT-B shapes but at 0.60x
-on 12608 x 768 x 768 (torch-compile-notes.md), and small GEMMs are launch-bound, where
-quantizing both operands costs more launches than it saves. So under `Fallback.SLOWER` (the
-default) the lowering pass asks `speedup` about every quantized GEMM that the `triton` or
-`fused` lowering would run on CUDA, and a GEMM whose INT8 path measures slower runs as the
-float GEMM it replaces; the report names it "float fallback (INT8 0.62x)".
+H100 a Triton INT8 GEMM was reported at 1.10-1.26x of cuBLAS bf16 on most ViT-B shapes but at
+0.60x on 12608 x 768 x 768, and small GEMMs are launch-bound, where quantizing both operands
+costs more launches than it saves. So under `Fallback.SLOWER` (the default) the planning step
+(`gradq_fx.plan`) asks `speedup` about every INT8 GEMM that a measured lowering (`triton`,
+`fused`) would run on CUDA, and a GEMM whose INT8 path measures slower runs as the float GEMM
+it replaces; the report names it "float fallback (INT8 0.62x)".
 
 What is timed, on the GEMM's device, with random operands of its shapes, strides and dtype:
-- INT8: `ops.mm_triton` (or `ops.conv_triton`) with the GEMM's specs: gradq's kernels
-  quantize both operands (per-row iqr clips included), then the INT8 GEMM with its
-  dequantize epilogue. Under `fused` Inductor folds part of the quantize into the operands'
-  producers, so there the rule errs towards float.
-- float: `ops.mm_reference` (or `ops.conv_reference`) without specs, the GEMM in the
-  operands' dtype: what the model runs without gradq.
+- INT8: the chosen lowering's `mm` (or `conv2d`) with the GEMM's specs, run eagerly: the
+  operands quantized as that lowering quantizes them (per-row iqr clips included), then the
+  INT8 GEMM with its dequantize epilogue. Under `fused`, compiled code folds part of the
+  quantize into the operands' producers, which an eager call cannot, so there the rule errs
+  towards float.
+- float: `lowerings.reference.float_mm` (or `float_conv2d`), the GEMM in the operands' dtype:
+  what the model runs without gradq.
 Each is the median of `ITERS` calls after `WARMUP` (the first call autotunes the kernels),
 timed with CUDA events, once per process per GEMM signature (op, shapes, strides, dtypes,
-specs, role; not the module). Only CUDA is measured: on the CPU the lowering is the
+specs, role, lowering; not the module). Only CUDA is measured: on the CPU the lowering is the
 reference, whose speed no-one trains for. Shapes that are not concrete integers (dynamic
 shapes) are not measured, and stay INT8. A compiled graph found in Inductor's FX graph cache
 keeps the decisions made when it was compiled on this machine.
@@ -38,7 +39,8 @@ from typing import Any
 import torch
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-from gradq_fx import ops
+from gradq_fx.config import QuantSpec, Role
+from gradq_fx.lowerings import GemmLowering, reference
 
 WARMUP = 3
 ITERS = 20
@@ -71,8 +73,8 @@ def reset() -> None:
     _MEASURED.clear()
 
 
-def speedup(target: Any, arguments: Mapping[str, Any]) -> float | None:
-    """Float time / INT8 time of one gradq GEMM, or None where it is not measured.
+def speedup(lowering: GemmLowering, target: Any, arguments: Mapping[str, Any]) -> float | None:
+    """Float time / INT8 time of one gradq GEMM under `lowering`, or None where not measured.
 
     target: `torch.ops.gradq.mm.default` or `torch.ops.gradq.conv2d.default`; arguments: its
     arguments by name, tensors as (fake) tensors. Above 1: INT8 is faster. Measured on CUDA
@@ -83,7 +85,7 @@ def speedup(target: Any, arguments: Mapping[str, Any]) -> float | None:
         return None
     # The module's name is no part of the signature: equal GEMMs of other layers share it.
     names = sorted(name for name in arguments if name != "module")
-    key = (str(target), *(_signature(arguments[name]) for name in names))
+    key = (lowering.kind, str(target), *(_signature(arguments[name]) for name in names))
     if key not in _MEASURED:
         b = arguments["b"]
         _MEASURED[key] = Measurement(
@@ -94,32 +96,33 @@ def speedup(target: Any, arguments: Mapping[str, Any]) -> float | None:
             str(a.dtype).removeprefix("torch."),
             arguments["a_spec"],
             arguments["b_spec"],
-            measure(target, arguments),
+            measure(lowering, target, arguments),
         )
     return _MEASURED[key].speedup
 
 
-def measure(target: Any, arguments: Mapping[str, Any]) -> float:
+def measure(lowering: GemmLowering, target: Any, arguments: Mapping[str, Any]) -> float:
     """`speedup` without its cache or its device check: time both paths on a's device."""
     with unset_fake_temporarily(), torch.no_grad():
         real = {name: _materialise(value) for name, value in arguments.items()}
-        int8, floating = _paths(target, real)
+        int8, floating = _paths(lowering, target, real)
         return _median_ms(floating, real["a"].device) / _median_ms(int8, real["a"].device)
 
 
-def _paths(target: Any, x: Mapping[str, Any]) -> tuple[Callable[[], Any], Callable[[], Any]]:
-    """The INT8 path and the float path of one GEMM, as calls on real tensors."""
+def _paths(
+    lowering: GemmLowering, target: Any, x: Mapping[str, Any]
+) -> tuple[Callable[[], Any], Callable[[], Any]]:
+    """The INT8 path (`lowering`'s) and the float path of one GEMM, as calls on real tensors."""
+    specs = (QuantSpec.decode(x["a_spec"]), QuantSpec.decode(x["b_spec"]))
     if target is torch.ops.gradq.mm.default:
         gemm = (x["a"], x["b"], x["bias"])
-        return (
-            lambda: ops.mm_triton(*gemm, x["a_spec"], x["b_spec"]),
-            lambda: ops.mm_reference(*gemm, "", ""),
-        )
+        return lambda: lowering.mm(*gemm, *specs), lambda: reference.float_mm(*gemm)
     if target is torch.ops.gradq.conv2d.default:
-        conv = (x["a"], x["b"], x["bias"], x["stride"], x["padding"], x["size"])
+        geometry = tuple(tuple(x[name]) for name in ("stride", "padding", "size"))
+        conv = (x["a"], x["b"], x["bias"], *geometry)
         return (
-            lambda: ops.conv_triton(*conv, x["a_spec"], x["b_spec"], x["role"]),
-            lambda: ops.conv_reference(*conv, "", "", x["role"]),
+            lambda: lowering.conv2d(*conv, *specs, Role(x["role"])),
+            lambda: reference.float_conv2d(*conv, x["role"]),
         )
     raise ValueError(f"fallback: target must be gradq.mm or gradq.conv2d, got {target}")
 

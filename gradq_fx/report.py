@@ -31,18 +31,11 @@ from torch.utils.flop_counter import (
     sdpa_flop_count,
 )
 
-from gradq_fx import stats
+from gradq_fx import plan, stats
+from gradq_fx.aot import aot_eager
 from gradq_fx.config import GradQConfig, Granularity, Role, decode_operand, operand_bits
 from gradq_fx.passes import prepare
 from gradq_fx.passes.annotate import Decision, Reason, module_path
-from gradq_fx.passes.lower import (
-    FLOAT_LOWERING,
-    LSQ_LOWERING,
-    SIMULATED_LOWERING,
-    falls_back,
-    node_lowering,
-    runs_in_int8,
-)
 from gradq_fx.passes.subgraphs import body_nodes, float_reason, hop_name, is_hop
 from gradq_fx.quantizer import conv2d_scale_groups
 
@@ -70,23 +63,23 @@ _PASSTHROUGH = {
 }  # fmt: skip
 
 
-def _not_int8_reason(lowering: str, role: str) -> tuple[str, Reason]:
-    """Why a gradq GEMM with this lowering (`lowering_of`) does not run in INT8, and the kind of
-    reason: the options' (a disabled role, IQS, fake quantization) or the fallback rule's."""
-    if lowering == FLOAT_LOWERING:
+def _not_int8_reason(gemm: plan.GemmPlan) -> tuple[str, Reason]:
+    """Why a planned gradq GEMM does not run in INT8, and the kind of reason: the options' (a
+    disabled role, IQS, fake quantization) or the fallback rule's."""
+    name, role = gemm.describe(), gemm.role.value
+    if gemm.kind is plan.GemmKind.FLOAT:
         return f"{role} disabled by config ({role}=False)", Reason.CONFIG
-    if lowering == SIMULATED_LOWERING:
+    if gemm.kind is plan.GemmKind.SIMULATED:
         return "IQS codebook: simulated (decoded operands, float GEMM)", Reason.CONFIG
-    if falls_back(lowering):
+    if gemm.kind is plan.GemmKind.FALLBACK:
         reason = (
-            f"{lowering}: its INT8 path measured slower than the float GEMM on this device "
+            f"{name}: its INT8 path measured slower than the float GEMM on this device "
             "(option fallback='never' keeps it INT8)"
         )
         return reason, Reason.FALLBACK
-    if lowering.startswith(LSQ_LOWERING):
-        reason = f"{lowering}: LSQ quantizers quantized the operands upstream; float GEMM"
-        return reason, Reason.CONFIG
-    reason = f"{lowering}: below 8 bits, fake quantization (quantize, dequantize, float GEMM)"
+    if gemm.kind is plan.GemmKind.LSQ:
+        return f"{name}: LSQ quantizers quantized the operands upstream; float GEMM", Reason.CONFIG
+    reason = f"{name}: below 8 bits, fake quantization (quantize, dequantize, float GEMM)"
     return reason, Reason.CONFIG
 
 
@@ -99,7 +92,7 @@ class GemmRow:
     b_shape: tuple[int, ...]
     a_spec: str
     b_spec: str
-    lowering: str
+    lowering: str  # `plan.GemmPlan.describe()`: "triton", "fake-quant W4A4", ...
     flops: int
     graph_role: str  # the role the graph's structure implies; equals `role` when labels are right
     op: str = "gradq.mm"  # or "gradq.conv2d", a dense convolution's implicit GEMM
@@ -107,6 +100,11 @@ class GemmRow:
     # GEMM an image or channel (per_row cannot be per pixel there), or the tensor; "" = float.
     a_scales: str = ""
     b_scales: str = ""
+    kind: str = plan.GemmKind.INT8.value  # a `plan.GemmKind` value
+
+    @property
+    def runs_in_int8(self) -> bool:
+        return self.kind == plan.GemmKind.INT8.value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +127,7 @@ class Report:
 
     @property
     def int8_gemms(self) -> tuple[GemmRow, ...]:
-        return tuple(row for row in self.gemms if runs_in_int8(row.lowering))
+        return tuple(row for row in self.gemms if row.runs_in_int8)
 
     def coverage(self) -> dict[str, dict[str, float]]:
         """Per role and in total: GEMM FLOPs in INT8, all matmul-like FLOPs, and their ratio."""
@@ -266,12 +264,13 @@ def _spec_text(spec: str, scales: str = "") -> str:
     return f"int{s.bits} {granularity} {s.rounding.value} {s.clipping.value}{scaled}"
 
 
-_GEMMS = (torch.ops.gradq.mm.default, torch.ops.gradq.conv2d.default)
+_GEMMS = plan.GEMM_OPS
 
 
 def _scales(node: fx.Node) -> tuple[str, str]:
     """What one scale of each operand of a gradq GEMM node covers (GemmRow.a_scales)."""
-    a_spec, b_spec = node.args[3:5] if node.target is _GEMMS[0] else node.args[6:8]
+    arguments = plan.arguments_of(node)
+    a_spec, b_spec = arguments["a_spec"], arguments["b_spec"]
     if not (a_spec and b_spec):
         return "", ""
     # An LSQ operand (decoded as None) has one learnable step per tensor (or q/k/v block).
@@ -282,7 +281,7 @@ def _scales(node: fx.Node) -> tuple[str, str]:
     if node.target is _GEMMS[0]:
         a_group, b_group = "row", "column"
     else:
-        role = node.args[8]
+        role = arguments["role"]
         a_group = conv2d_scale_groups(role, a_grain)[0]
         b_group = conv2d_scale_groups(role, b_grain)[1]
     return tuple(
@@ -329,33 +328,16 @@ def capture(
 ) -> list[Captured]:
     """Run `model` once under Dynamo with gradq's rewrite and return the graphs AOTAutograd
     derives (one per Dynamo graph), compiling nothing: what `report` analyses."""
-    from torch._functorch.aot_autograd import aot_module_simplified
-    from torch._functorch.partitioners import default_partition
-    from torch._inductor.decomposition import select_decomp_table
-
     captured: list[Captured] = []
 
     def backend(gm: fx.GraphModule, inputs):
         decisions = prepare(gm, config)
         is_parameter = primal_parameters(gm, inputs)
 
-        def partition(joint, joint_inputs, **kwargs):
-            captured.append(Captured.of(joint, is_parameter, decisions))
-            return default_partition(joint, joint_inputs, **kwargs)
-
-        def inference(graph, _inputs):
+        def record(graph: fx.GraphModule) -> None:
             captured.append(Captured.of(graph, is_parameter, decisions))
-            return graph.forward
 
-        return aot_module_simplified(
-            gm,
-            inputs,
-            fw_compiler=lambda graph, _inputs: graph.forward,
-            bw_compiler=lambda graph, _inputs: graph.forward,
-            inference_compiler=inference,
-            partition_fn=partition,
-            decompositions=select_decomp_table(),
-        )
+        return aot_eager(gm, inputs, record)
 
     compiled = torch.compile(model, backend=backend)
     with torch.set_grad_enabled(training):
@@ -375,19 +357,21 @@ def _size(value) -> int:
     return int(value)
 
 
-def _shape(node) -> tuple[int, ...]:
-    return tuple(_size(s) for s in node.meta["val"].shape)
+def _shape(value: torch.Tensor) -> tuple[int, ...]:
+    return tuple(_size(s) for s in value.shape)
 
 
 def _flops(node: fx.Node, output_mask: list[bool] | None = None) -> int:
     if node.target is torch.ops.gradq.mm.default:
-        a, b = node.args[0].meta["val"], node.args[1].meta["val"]
+        arguments = plan.arguments_of(node)
+        a, b = arguments["a"], arguments["b"]
         return 2 * math.prod(_size(s) for s in a.shape) * _size(b.shape[-1])
     if node.target is torch.ops.gradq.conv2d.default:
         # Every role multiplies each dY-shaped [N, O, H', W'] value by C kh kw weights (or
         # inputs): the forward's count, whatever zeros a lowering adds.
-        a, b, out = node.args[0].meta["val"], node.args[1].meta["val"], node.meta["val"]
-        dy, weight = {"forward": (out, b), "dgrad": (a, b), "wgrad": (b, out)}[node.args[8]]
+        arguments = plan.arguments_of(node)
+        a, b, out = arguments["a"], arguments["b"], node.meta["val"]
+        dy, weight = {"forward": (out, b), "dgrad": (a, b), "wgrad": (b, out)}[arguments["role"]]
         products = math.prod(_size(s) for s in dy.shape)
         return 2 * products * math.prod(_size(s) for s in weight.shape[1:])
     if node.target in (_FLEX_FORWARD, _FLEX_BACKWARD):
@@ -475,16 +459,6 @@ class _GraphFacts:
         for out in self.weight_grads & set(passthrough.nodes):
             self.feeds_weight_grad |= {out} | nx.ancestors(passthrough, out)
 
-    def operands(self, a: fx.Node, b: fx.Node, module: str) -> tuple[str, str]:
-        """What a gradq GEMM's operands are: "G" (a gradient: downstream of the tangents),
-        "W" (b of a GEMM with a weight) or "A" (an activation)."""
-        # Activation x activation sites are named "module[node]" (rewrite.py).
-        right = "A" if module.endswith("]") else "W"
-        return (
-            "G" if a in self.backward else "A",
-            "G" if b in self.backward else right,
-        )
-
     def graph_of(self, node: fx.Node) -> str:
         return "bwd" if node in self.backward else "fwd"
 
@@ -556,30 +530,31 @@ def _float_reason(node: fx.Node, op: str, hop: fx.Node | None, decisions: list[D
 
 
 def analyse(captured: list[Captured], config: GradQConfig, training: bool) -> Report:
+    """The report of captured graphs: their gradq GEMMs as planned (`gradq_fx.plan`; planned
+    here unless the lowering pass did it), and every other matmul-like op with its reason."""
     gemms, float_ops = [], []
     for item in captured:
+        plan.ensure(item.graph.graph, config.lowering, config.fallback)
         facts = _GraphFacts(item)
         for node, hop in _walk(item.graph):
             if not _is_matmul_like(node):
                 continue
             graph = facts.graph_of(hop or node)
             if node.target in _GEMMS:
-                if node.target is torch.ops.gradq.mm.default:
-                    a, b, _bias, a_spec, b_spec, role, module = node.args
-                else:
-                    a, b, _bias, _stride, _padding, _size, a_spec, b_spec, role, module = node.args
-                operands = facts.operands(a, b, module)
-                lowering = node_lowering(node, config.lowering, config.fallback, operands)
-                op = str(node.target.overloadpacket).removeprefix("torch.ops.")
+                gemm, arguments = plan.of(node), plan.arguments_of(node)
+                a, b = arguments["a"], arguments["b"]
                 row = GemmRow(
-                    graph, role, module, _shape(a), _shape(b), a_spec, b_spec,
-                    lowering, _flops(node), facts.roles_of(node)[0][0], op, *_scales(node),
+                    graph, gemm.role.value, gemm.module, _shape(a), _shape(b), *gemm.specs,
+                    gemm.describe(), _flops(node), facts.roles_of(node)[0][0], gemm.op,
+                    *_scales(node), kind=gemm.kind.value,
                 )  # fmt: skip
                 gemms.append(row)
-                if not runs_in_int8(row.lowering):
-                    reason, code = _not_int8_reason(row.lowering, role)
+                if not gemm.runs_in_int8:
+                    reason, code = _not_int8_reason(gemm)
                     float_ops.append(
-                        FloatOp(graph, role, op, module, row.flops, reason, code.value)
+                        FloatOp(
+                            graph, row.role, gemm.op, gemm.module, row.flops, reason, code.value
+                        )
                     )
                 continue
             module = module_path(node)

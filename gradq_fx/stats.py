@@ -1,6 +1,6 @@
 """Per-layer gradient quantization statistics, and the adaptive learning rate built on them.
 
-With `GradQConfig.stats` (the default), every quantized Linear (or convolution) weight
+With `GradQConfig.stats` (off by default), every quantized Linear (or convolution) weight
 carries a probe: a [3] parameter that gradq's backward fills with [cos(g, g_q),
 ||g - g_q||^2 / ||g||^2, 1] for the output gradient g as its wgrad GEMM quantizes it. The
 statistics arrive as the probe's `.grad`, on the device, summed over backward passes: reading

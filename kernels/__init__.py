@@ -1,47 +1,27 @@
-"""gradq's GEMM kernels. Each file holds one kernel family, its launcher and its CPU path.
+"""gradq's GEMM kernels. Each file holds one kernel family, its launcher and its CPU path:
 
-Where a launcher runs Triton (`use_triton`): on CUDA tensors, and on CPU tensors when Triton's
-interpreter is on (TRITON_INTERPRET=1). Triton reads that variable when a kernel is decorated
-and when `triton` itself is imported (its library functions, tl.zeros and tl.rand among them,
-are kernels too), so it must be set before the first `import triton` of the process: torch's
-Dynamo imports triton, so in practice before `import torch._dynamo` or `import gradq_fx`.
-Everywhere else a launcher runs its pure-torch reference, which has the same signature.
+- `quantize`: rows to int8 codes and scales (minmax clip, rounding, least-squares scale);
+- `iqr`: the `iqr` clipping value of each row;
+- `gemm`: the INT8 GEMM (and batched GEMM) with the dequantize in its epilogue;
+- `conv`: the INT8 implicit-GEMM convolution, likewise;
+- `int_mm`: the exact integer GEMM and convolutions in torch, the references' core;
+- `common`: what the kernel files share (where Triton runs, autotuning, argument checks,
+  device functions).
+
+A launcher runs its Triton kernel (`use_triton`) on CUDA tensors, and on CPU tensors when
+Triton's interpreter is on (TRITON_INTERPRET=1, set before the first `import triton` of the
+process: `common`'s docstring says why); everywhere else its pure-torch reference, which has
+the same signature.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-import os
-
-import torch
-
-
-@functools.cache
-def triton_installed() -> bool:
-    """Whether `triton` can be imported (without importing it)."""
-    try:
-        return importlib.util.find_spec("triton") is not None
-    except (ImportError, ValueError):  # e.g. sys.modules["triton"] = None, a broken install
-        return False
-
-
-def triton_interpreting() -> bool:
-    """Whether Triton's CPU interpreter is requested (TRITON_INTERPRET=1; see module docstring)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def use_triton(tensor: torch.Tensor) -> bool:
-    """Whether a launcher given `tensor` runs its Triton kernel rather than its torch reference."""
-    if not triton_installed():
-        return False
-    return tensor.is_cuda or (tensor.device.type == "cpu" and triton_interpreting())
-
-
-# Each autotuned kernel keeps the tile it chose per shape on disk, in Triton's cache directory
-# (keyed by the kernel's source, the configs and Triton's version), so that a new process
-# launches the chosen tile at once instead of timing every config again.
-PERSIST_AUTOTUNING = True
+from gradq_fx.kernels.common import (
+    PERSIST_AUTOTUNING,
+    triton_installed,
+    triton_interpreting,
+    use_triton,
+)
 
 
 def reset_autotuning() -> None:
@@ -60,3 +40,12 @@ def reset_autotuning() -> None:
             if isinstance(value, Autotuner):
                 value.cache.clear()
                 value.cache_results = False
+
+
+__all__ = [
+    "PERSIST_AUTOTUNING",
+    "reset_autotuning",
+    "triton_installed",
+    "triton_interpreting",
+    "use_triton",
+]

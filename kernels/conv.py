@@ -19,25 +19,19 @@ Numerical choices (as in `kernels/gemm.py`):
 - int8 products summed exactly in int32 by `tl.dot`; zero-filled loads add nothing. It
   overflows only past C kh kw = 2^31 / 128^2 = 131072 for all-(-128) operands.
 - The epilogue does the reference's float32 operations in its order (convert, times the
-  image's scale, times the channel's scale, plus the bias), launched with
-  `enable_fp_fusion=False` so that no fused multiply-add changes a rounding: float32 output
-  is bit-equal to the reference's; bfloat16 is rounded to nearest even on the bits.
+  image's scale, times the channel's scale, plus the bias: `common.dequantize_tile`),
+  launched with `enable_fp_fusion=False` so that no fused multiply-add changes a rounding:
+  float32 output is bit-equal to the reference's; bfloat16 is rounded to nearest even on the
+  bits (`common.store_tile`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from gradq_fx.kernels import PERSIST_AUTOTUNING, use_triton
+from gradq_fx.kernels import common
+from gradq_fx.kernels.common import launches_triton, tile_config, tl, triton
 from gradq_fx.kernels.int_mm import conv2d_output_size, int8_conv2d
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # no Triton: the launcher runs the torch reference on every device
-    triton = None
-
-OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _pair_of_ints(value) -> bool:
@@ -51,14 +45,8 @@ def _pair_of_ints(value) -> bool:
 def check_conv_args(x, w, x_scale, w_scale, bias, stride, padding, out_dtype) -> None:
     """Raise ValueError, naming the argument, for inputs `int8_scaled_conv2d` does not take."""
     name = "int8_scaled_conv2d"
-    for arg, tensor in (("x", x), ("w", w)):
-        if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.int8 or tensor.dim() != 4:
-            got = (
-                f"{tensor.dtype} of shape {tuple(tensor.shape)}"
-                if isinstance(tensor, torch.Tensor)
-                else type(tensor)
-            )
-            raise ValueError(f"{name}: {arg} must be a 4-D int8 tensor, got {got}")
+    common.check_tensor(name, "x", x, 4, (torch.int8,))
+    common.check_tensor(name, "w", w, 4, (torch.int8,))
     if x.shape[1] != w.shape[1]:
         raise ValueError(
             f"{name}: x has {x.shape[1]} channels, w expects {w.shape[1]} (groups 1 only): "
@@ -74,23 +62,11 @@ def check_conv_args(x, w, x_scale, w_scale, bias, stride, padding, out_dtype) ->
             f"{name}: the kernel {tuple(w.shape[2:])} does not fit the input "
             f"{tuple(x.shape[2:])} padded by {tuple(padding)}"
         )
-    for arg, tensor, size in (("x_scale", x_scale, x.shape[0]), ("w_scale", w_scale, w.shape[0])):
-        if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.float32:
-            raise ValueError(f"{name}: {arg} must be a float32 tensor, got {tensor!r}")
-        if tuple(tensor.shape) != (size,):
-            raise ValueError(f"{name}: {arg} must have shape ({size},), got {tuple(tensor.shape)}")
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor) or bias.dtype not in OUT_DTYPES:
-            raise ValueError(f"{name}: bias must be a float tensor or None, got {bias!r}")
-        if tuple(bias.shape) != (w.shape[0],):
-            raise ValueError(
-                f"{name}: bias must have shape ({w.shape[0]},), got {tuple(bias.shape)}"
-            )
-    if out_dtype not in OUT_DTYPES:
-        raise ValueError(f"{name}: out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
-    for arg, tensor in (("w", w), ("x_scale", x_scale), ("w_scale", w_scale), ("bias", bias)):
-        if tensor is not None and tensor.device != x.device:
-            raise ValueError(f"{name}: {arg} is on {tensor.device}, x on {x.device}")
+    common.check_scales(name, "x_scale", x_scale, (x.shape[0],))
+    common.check_scales(name, "w_scale", w_scale, (w.shape[0],))
+    common.check_epilogue(name, bias, w.shape[0], out_dtype)
+    tensors = {"x": x, "w": w, "x_scale": x_scale, "w_scale": w_scale, "bias": bias}
+    common.check_devices(name, "x", tensors)
 
 
 def int8_scaled_conv2d_reference(
@@ -128,11 +104,11 @@ def int8_scaled_conv2d(
     """conv2d of int8 x [N, C, H, W] by int8 w [O, C, kh, kw], dequantized in the epilogue
     (module docstring): [N, O, H', W'].
 
-    Triton on CUDA tensors and under TRITON_INTERPRET=1 (`gradq_fx.kernels.use_triton`), else
+    Triton on CUDA tensors and under TRITON_INTERPRET=1 (`common.launches_triton`), else
     `int8_scaled_conv2d_reference`.
     """
     stride, padding = tuple(stride), tuple(padding)
-    if triton is None or not use_triton(x):
+    if not launches_triton(x):
         return int8_scaled_conv2d_reference(
             x, w, x_scale, w_scale, stride, padding, bias, out_dtype
         )
@@ -194,8 +170,6 @@ def _launch(x, w, x_scale, w_scale, bias, stride, padding, out_dtype) -> torch.T
 if triton is not None:
     # int8 tensor-core tiles for CUDA (BLOCK_K >= 32 for the int8 MMA). BLOCK_K runs over
     # input channels at one window position: channel counts below it waste part of a step.
-    from gradq_fx.kernels.gemm import INTERPRETER_CONFIGS, tile_config
-
     # Tiles that ptxas (sm_90a) fits in registers without spilling under both Triton 3.6 and
     # 3.8 (tests/kernels/test_cuda_compile.py); the window's index arithmetic costs registers
     # that a plain GEMM's loop does not, so the tiles are smaller than gemm.py's. Under 3.6,
@@ -211,10 +185,10 @@ if triton is not None:
         tile_config(32, 64, 32, stages=4, warps=4),
     ]
 
-    @triton.autotune(
-        configs=INTERPRETER_CONFIGS if triton.knobs.runtime.interpret else _CUDA_CONFIGS,
-        key=["P", "C", "OC", "KH", "KW", "stride_xc", "HAS_BIAS"],
-        cache_results=PERSIST_AUTOTUNING,
+    @common.autotune(
+        ["P", "C", "OC", "KH", "KW", "stride_xc", "HAS_BIAS"],
+        _CUDA_CONFIGS,
+        common.GEMM_INTERPRETER_CONFIGS,
     )
     @triton.jit
     def _int8_conv2d_kernel(
@@ -264,16 +238,11 @@ if triton is not None:
         BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr,
     ):
-        # One program per tile of output pixels x output channels; tiles go down GROUP_M rows
-        # of tiles before moving right, so neighbours share weights and input rows in L2.
+        # One program per tile of output pixels x output channels, in grouped order
+        # (`common.grouped_tile`): neighbours share weights and input rows in L2.
         pid = tl.program_id(0)
-        tiles_m = tl.cdiv(P, BLOCK_M)
-        tiles_n = tl.cdiv(OC, BLOCK_N)
-        group = pid // (GROUP_M * tiles_n)
-        first_m = group * GROUP_M
-        group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % (GROUP_M * tiles_n)) % group_rows
-        pid_n = (pid % (GROUP_M * tiles_n)) // group_rows
+        tiles_m, tiles_n = tl.cdiv(P, BLOCK_M), tl.cdiv(OC, BLOCK_N)
+        pid_m, pid_n = common.grouped_tile(pid, tiles_m, tiles_n, GROUP_M)
 
         # 32-bit indices (pixel and channel counts fit), 64-bit only where they meet strides.
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -320,10 +289,9 @@ if triton is not None:
         # Epilogue, in the reference's order: float32(acc) * x_scale[n] * w_scale[o] + bias.
         x_scale = tl.load(x_scale_ptr + image * stride_xs, mask=mask_m)
         w_scale = tl.load(w_scale_ptr + offs_n * stride_ws, mask=mask_n)
-        out = acc.to(tl.float32) * x_scale[:, None] * w_scale[None, :]
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n).to(tl.float32)
-            out = out + bias[None, :]
+        out = common.dequantize_tile(
+            acc, x_scale, w_scale, bias_ptr, offs_n, stride_bias, mask_n, HAS_BIAS
+        )
         out_rows = (
             out_ptr
             + image.to(tl.int64) * stride_on
@@ -331,13 +299,4 @@ if triton is not None:
             + ow.to(tl.int64) * stride_ow
         )
         out_ptrs = out_rows[:, None] + offs_n[None, :].to(tl.int64) * stride_oo
-        mask = mask_m[:, None] & mask_n[None, :]
-        if OUT_BF16:
-            # Round to nearest even on the bits (kernels/gemm.py explains why).
-            bits = out.to(tl.uint32, bitcast=True)
-            bits = bits + 0x7FFF + ((bits >> 16) & 1)
-            bits = tl.where(out != out, 0x7FC00000, bits)
-            rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-            tl.store(out_ptrs, rounded, mask=mask)
-        else:
-            tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
+        common.store_tile(out_ptrs, out, mask_m[:, None] & mask_n[None, :], OUT_BF16)

@@ -16,78 +16,36 @@ literally that expression over `kernels.int_mm.int8_gemm`. Numerical choices:
   K = 2^31 / 128^2 = 131072 for all-(-128) operands.
 - The epilogue performs the reference's float32 operations in the reference's order:
   convert the accumulator (round to nearest even above 2^24, as torch's int->float does), times
-  the row scale, times the column scale, plus the bias. The kernel is launched with
-  `enable_fp_fusion=False` so that a GPU cannot contract the last multiply-add into one fused
-  multiply-add (one rounding instead of two). The float32 output is therefore bit-equal to
-  the reference's.
-- bfloat16 output is rounded to nearest even with integer operations on the float32 bits:
-  the interpreter's float32 -> bfloat16 cast truncates, and a GPU's rounding cast gives the
-  same bits as this one, so one code path is exact on both. float16 uses the plain cast (round
-  to nearest even in numpy and on GPUs).
+  the row scale, times the column scale, plus the bias (`common.dequantize_tile`, launched
+  with `enable_fp_fusion=False`). The float32 output is therefore bit-equal to the reference's.
+- bfloat16 output is rounded to nearest even with integer operations on the float32 bits
+  (`common.store_tile`), exact in the interpreter and on GPUs; float16 uses the plain cast.
 """
 
 from __future__ import annotations
 
 import torch
 
-from gradq_fx.kernels import PERSIST_AUTOTUNING, use_triton
+from gradq_fx.kernels import common
+from gradq_fx.kernels.common import launches_triton, tile_config, tl, triton
 from gradq_fx.kernels.int_mm import int8_gemm
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # no Triton: the launchers run the torch reference on every device
-    triton = None
-
-OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def check_gemm_args(name, a, b, row_scale, col_scale, bias, out_dtype, batched: bool) -> None:
     """Raise ValueError, naming the argument, for inputs the scaled GEMM does not take."""
     dims = 3 if batched else 2
-    for arg, tensor in (("a", a), ("b", b)):
-        if (
-            not isinstance(tensor, torch.Tensor)
-            or tensor.dtype != torch.int8
-            or tensor.dim() != dims
-        ):
-            got = (
-                f"{tensor.dtype} of shape {tuple(tensor.shape)}"
-                if isinstance(tensor, torch.Tensor)
-                else type(tensor)
-            )
-            raise ValueError(f"{name}: {arg} must be a {dims}-D int8 tensor, got {got}")
+    common.check_tensor(name, "a", a, dims, (torch.int8,))
+    common.check_tensor(name, "b", b, dims, (torch.int8,))
     if a.shape[-1] != b.shape[-2]:
         raise ValueError(f"{name}: inner sizes differ, a {tuple(a.shape)} b {tuple(b.shape)}")
     if batched and a.shape[0] != b.shape[0]:
         raise ValueError(f"{name}: batch sizes differ, a {tuple(a.shape)} b {tuple(b.shape)}")
     batch = tuple(a.shape[:-2])
-    expected = {
-        "row_scale": (row_scale, (*batch, a.shape[-2])),
-        "col_scale": (col_scale, (*batch, b.shape[-1])),
-    }
-    for arg, (tensor, shape) in expected.items():
-        if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.float32:
-            raise ValueError(f"{name}: {arg} must be a float32 tensor, got {tensor!r}")
-        if tuple(tensor.shape) != shape:
-            raise ValueError(f"{name}: {arg} must have shape {shape}, got {tuple(tensor.shape)}")
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor) or bias.dtype not in OUT_DTYPES:
-            raise ValueError(f"{name}: bias must be a float tensor or None, got {bias!r}")
-        if tuple(bias.shape) != (b.shape[-1],):
-            raise ValueError(
-                f"{name}: bias must have shape ({b.shape[-1]},), got {tuple(bias.shape)}"
-            )
-    if out_dtype not in OUT_DTYPES:
-        raise ValueError(f"{name}: out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
-    for arg, tensor in (
-        ("b", b),
-        ("row_scale", row_scale),
-        ("col_scale", col_scale),
-        ("bias", bias),
-    ):
-        if tensor is not None and tensor.device != a.device:
-            raise ValueError(f"{name}: {arg} is on {tensor.device}, a on {a.device}")
+    common.check_scales(name, "row_scale", row_scale, (*batch, a.shape[-2]))
+    common.check_scales(name, "col_scale", col_scale, (*batch, b.shape[-1]))
+    common.check_epilogue(name, bias, b.shape[-1], out_dtype)
+    tensors = {"a": a, "b": b, "row_scale": row_scale, "col_scale": col_scale, "bias": bias}
+    common.check_devices(name, "a", tensors)
 
 
 def _scaled_reference(a, b, row_scale, col_scale, bias, out_dtype) -> torch.Tensor:
@@ -135,10 +93,10 @@ def int8_scaled_mm(
 ) -> torch.Tensor:
     """a int8 [M, K] @ b int8 [K, N], dequantized in the epilogue (module docstring): [M, N].
 
-    Triton on CUDA tensors and under TRITON_INTERPRET=1 (`gradq_fx.kernels.use_triton`), else
+    Triton on CUDA tensors and under TRITON_INTERPRET=1 (`common.launches_triton`), else
     `int8_scaled_mm_reference`.
     """
-    if triton is None or not use_triton(a):
+    if not launches_triton(a):
         return int8_scaled_mm_reference(a, b, row_scale, col_scale, bias, out_dtype)
     check_gemm_args("int8_scaled_mm", a, b, row_scale, col_scale, bias, out_dtype, batched=False)
     out = _launch(a[None], b[None], row_scale[None], col_scale[None], bias, out_dtype)
@@ -164,7 +122,7 @@ def int8_scaled_bmm(
 
     Triton on CUDA tensors and under TRITON_INTERPRET=1, else `int8_scaled_bmm_reference`.
     """
-    if triton is None or not use_triton(a):
+    if not launches_triton(a):
         return int8_scaled_bmm_reference(a, b, row_scale, col_scale, bias, out_dtype)
     check_gemm_args("int8_scaled_bmm", a, b, row_scale, col_scale, bias, out_dtype, batched=True)
     return _launch(a, b, row_scale, col_scale, bias, out_dtype)
@@ -214,11 +172,6 @@ def _launch(a, b, row_scale, col_scale, bias, out_dtype) -> torch.Tensor:
 if triton is not None:
     # int8 tensor-core tiles for CUDA (BLOCK_K >= 32 for the int8 MMA), small-M tiles last for
     # M <= 16 (decode-like shapes, tiny batches).
-    def tile_config(block_m, block_n, block_k, stages, warps, group_m=8):
-        """An autotune config of a GEMM-tiled kernel (gemm.py, conv.py)."""
-        meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m}
-        return triton.Config(meta, num_stages=stages, num_warps=warps)
-
     # Tiles that ptxas (sm_90a) fits in registers without spilling under both Triton 3.6 (the
     # GPU machine's, with torch 2.11) and 3.8 (torch 2.14), which the CPU test
     # tests/kernels/test_cuda_compile.py checks with whichever is installed. Under 3.6,
@@ -237,14 +190,11 @@ if triton is not None:
         tile_config(16, 64, 64, stages=4, warps=4),
         tile_config(16, 128, 64, stages=4, warps=4),
     ]
-    INTERPRETER_CONFIGS = [  # one small tile: the interpreter runs every config
-        triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4})
-    ]
 
-    @triton.autotune(
-        configs=INTERPRETER_CONFIGS if triton.knobs.runtime.interpret else _CUDA_CONFIGS,
-        key=["M", "N", "K", "stride_ak", "stride_bn", "HAS_BIAS"],
-        cache_results=PERSIST_AUTOTUNING,
+    @common.autotune(
+        ["M", "N", "K", "stride_ak", "stride_bn", "HAS_BIAS"],
+        _CUDA_CONFIGS,
+        common.GEMM_INTERPRETER_CONFIGS,
     )
     @triton.jit
     def _int8_scaled_mm_kernel(
@@ -282,18 +232,13 @@ if triton is not None:
         BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr,
     ):
-        # One program per output tile, batches one after another; inside a batch, tiles go
-        # down GROUP_M rows of tiles before moving right, so neighbours share operands in L2.
+        # One program per output tile, batches one after another; inside a batch, tiles in
+        # grouped order (`common.grouped_tile`).
         pid = tl.program_id(0)
         tiles_m = tl.cdiv(M, BLOCK_M)
         tiles_n = tl.cdiv(N, BLOCK_N)
         batch = (pid // (tiles_m * tiles_n)).to(tl.int64)
-        tile = pid % (tiles_m * tiles_n)
-        group = tile // (GROUP_M * tiles_n)
-        first_m = group * GROUP_M
-        group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
-        pid_m = first_m + (tile % (GROUP_M * tiles_n)) % group_rows
-        pid_n = (tile % (GROUP_M * tiles_n)) // group_rows
+        pid_m, pid_n = common.grouped_tile(pid % (tiles_m * tiles_n), tiles_m, tiles_n, GROUP_M)
 
         offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -319,21 +264,10 @@ if triton is not None:
         # Epilogue, in the reference's order: float32(acc) * row_scale * col_scale + bias.
         row_scale = tl.load(row_scale_ptr + batch * stride_rb + offs_m * stride_rm, mask=mask_m)
         col_scale = tl.load(col_scale_ptr + batch * stride_cb + offs_n * stride_cn, mask=mask_n)
-        out = acc.to(tl.float32) * row_scale[:, None] * col_scale[None, :]
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n).to(tl.float32)
-            out = out + bias[None, :]
+        out = common.dequantize_tile(
+            acc, row_scale, col_scale, bias_ptr, offs_n, stride_bias, mask_n, HAS_BIAS
+        )
         out_ptrs = (
             out_ptr + batch * stride_ob + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
         )
-        mask = mask_m[:, None] & mask_n[None, :]
-        if OUT_BF16:
-            # Round to nearest even on the bits: add 0x7FFF plus the lowest kept bit, keep the
-            # top 16 bits. NaN is kept a (quiet) NaN rather than carried into the exponent.
-            bits = out.to(tl.uint32, bitcast=True)
-            bits = bits + 0x7FFF + ((bits >> 16) & 1)
-            bits = tl.where(out != out, 0x7FC00000, bits)
-            rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-            tl.store(out_ptrs, rounded, mask=mask)
-        else:
-            tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
+        common.store_tile(out_ptrs, out, mask_m[:, None] & mask_n[None, :], OUT_BF16)

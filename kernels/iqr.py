@@ -29,7 +29,7 @@ Numerical choices, and how the kernel's clip compares with the reference's:
   within float noise of the 1e-6 tie band can be picked differently. Either is a fence the
   reference scores as (near-)best: tests bound the float64 cosine of the kernel's pick.
 - 2^i is built from an integer shift, exact on every device; codes are rounded half to even
-  with the 1.5 * 2^23 addition after a clamp to [-qmax, qmax], as in kernels/quantize.py.
+  (`common.round_half_even`) after a clamp to [-qmax, qmax], as in kernels/quantize.py.
 - A row holding a NaN or an Inf gets a NaN clip. The reference's is not finite either (its
   absmax, and the fences capped at it: NaN, or Inf for a row whose worst value is an Inf),
   and either makes the row's scale NaN (`quantizer.scale_of`).
@@ -41,14 +41,8 @@ import torch
 
 from gradq_fx import quantizer
 from gradq_fx.config import Clipping, QuantSpec
-from gradq_fx.kernels import PERSIST_AUTOTUNING, use_triton
-from gradq_fx.kernels.quantize import check_rows
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # no Triton: the launcher runs the torch reference on every device
-    triton = None
+from gradq_fx.kernels import common
+from gradq_fx.kernels.common import check_rows, launches_triton, tl, triton
 
 # The histogram has the quantizer's 640 bins, padded to a power of two (as tl.histogram and
 # tl.arange want): padding columns of the last tile land in the top bin, which no magnitude
@@ -66,10 +60,10 @@ def iqr_clip_rows_reference(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
 def iqr_clip_rows(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
     """The `iqr` clipping value of each row of x [R, C] (module docstring): float32 [R].
 
-    Triton on CUDA tensors and under TRITON_INTERPRET=1 (`gradq_fx.kernels.use_triton`), else
+    Triton on CUDA tensors and under TRITON_INTERPRET=1 (`common.launches_triton`), else
     `iqr_clip_rows_reference`.
     """
-    if triton is None or not use_triton(x):
+    if not launches_triton(x):
         return iqr_clip_rows_reference(x, bits)
     check_rows("iqr_clip_rows", x, bits)
     rows, cols = x.shape
@@ -83,7 +77,7 @@ def iqr_clip_rows(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
             x.stride(1),
             K1=(cols + 3) // 4,  # ceil(C / 4): the rank of Q1 from the smallest
             K3=(3 * cols + 3) // 4,  # ceil(3 C / 4)
-            QMAX=2 ** (bits - 1) - 1,
+            QMAX=common.qmax(bits),
             BINS_PER_OCTAVE=quantizer.IQR_BINS_PER_OCTAVE,
             NUM_BINS=quantizer.IQR_NUM_BINS,
             CANDIDATES=quantizer.IQR_FENCE_COUNT + 1,
@@ -107,15 +101,9 @@ if triton is not None:
         triton.Config({"BLOCK_C": 2048}, num_warps=8),
         triton.Config({"BLOCK_C": 512}, num_warps=4),
     ]
-    # The interpreter cannot autotune over several configs; a small tile keeps multi-tile rows
-    # and ragged last tiles reachable at test sizes.
     _INTERPRETER_CONFIGS = [triton.Config({"BLOCK_C": 32})]
 
-    @triton.autotune(
-        configs=_INTERPRETER_CONFIGS if triton.knobs.runtime.interpret else _CUDA_CONFIGS,
-        key=["C", "stride_xc"],
-        cache_results=PERSIST_AUTOTUNING,
-    )
+    @common.autotune(["C", "stride_xc"], _CUDA_CONFIGS, _INTERPRETER_CONFIGS)
     @triton.jit
     def _iqr_clip_kernel(
         # pointers
@@ -186,7 +174,7 @@ if triton is not None:
         fences = q3 + power * (q3 - q1)
         fences = tl.where(fences > 0, tl.minimum(fences, amax), amax)
         candidates = tl.where(f == 0, amax, fences)
-        scale = tl.where(candidates > 0, tl.math.div_rn(candidates, QMAX * 1.0), 1.0)
+        scale = common.clip_scale(candidates, QMAX)
 
         # Sweep 3: each candidate's nearest-rounded quantization, scored by its cosine.
         dot = tl.zeros([CANDIDATES], dtype=tl.float32)
@@ -198,7 +186,7 @@ if triton is not None:
             x = tl.where(tl.abs(x) < float("inf"), x, 0.0)
             v = tl.math.div_rn(x[None, :], scale[:, None])
             v = tl.minimum(tl.maximum(v, -QMAX), QMAX)  # before rounding: |v| < 2^22 below
-            restored = ((v + 12582912.0) - 12582912.0) * scale[:, None]  # half to even
+            restored = common.round_half_even(v) * scale[:, None]
             dot += tl.sum(x[None, :] * restored, axis=1)  # padding: x = 0, restored = 0
             restored_sq += tl.sum(restored * restored, axis=1)
             x_sq += x * x

@@ -17,18 +17,14 @@ transpose: q comes out as q^T [C, R], the layout the wgrad GEMM reads, with the 
 (stochastic ones included). Output scale: float32 [R] always (per-tensor scales repeated).
 
 Numerical choices, and why the Triton kernel matches the reference:
-- Divisions are IEEE float32 divisions rounded to nearest (`tl.math.div_rn`): on a GPU,
-  Triton's plain `/` on float32 may compile to an approximate division, which would move codes
-  that sit on a rounding boundary. torch divides correctly rounded, so scale and x / scale are
-  bit-equal to the reference's.
+- Divisions are IEEE float32 divisions rounded to nearest (`tl.math.div_rn`, as in
+  `common.clip_scale`), as torch divides: scale and x / scale are bit-equal to the reference's.
 - x / scale is clamped to [-qmax, qmax] *before* rounding. The bounds are integers, so
   round(clamp(v)) == clamp(round(v)) for both roundings, and |v| <= 127 is what the rounding
   below needs.
-- Nearest rounding is round-half-to-even, like torch.round: v + 1.5 * 2^23 lands in [2^23, 2^24)
-  where float32 values are spaced exactly 1 apart, so the float addition (itself round to
-  nearest even) rounds v, and subtracting the constant again is exact. Valid for |v| < 2^22.
-  It avoids libdevice's rint, which Triton's CPU interpreter lacks. (Compilers may not fold
-  (v + c) - c without fast-math reassociation, which Triton does not enable.)
+- Nearest rounding is round-half-to-even, like torch.round, by the float addition of
+  `common.round_half_even` (valid for |v| < 2^22; no libdevice rint, which the interpreter
+  lacks).
 - Stochastic rounding is floor(v) + [u < v - floor(v)] with u ~ U[0, 1) from `tl.rand` (Philox)
   keyed by a seed tensor and the element's logical index r * C + c: it rounds up with
   probability frac(v), the distribution of the reference's floor(v + u), but the result is
@@ -52,32 +48,10 @@ import torch
 
 from gradq_fx import quantizer
 from gradq_fx.config import Clipping, QuantSpec, Rounding
-from gradq_fx.kernels import PERSIST_AUTOTUNING, use_triton
+from gradq_fx.kernels import common
+from gradq_fx.kernels.common import check_devices, check_rows, launches_triton, tl, triton
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # no Triton: the launcher runs the torch reference on every device
-    triton = None
-
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SEED_DTYPES = (torch.int32, torch.int64)
-
-
-def _qmax(bits: int) -> int:
-    return 2 ** (bits - 1) - 1
-
-
-def check_rows(op: str, x, bits) -> None:
-    """Raise ValueError unless x is rows to quantize (a 2-D float tensor with at least one
-    column) and bits a width from 2 to 8; `op` names the launcher in the message."""
-    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.dtype not in FLOAT_DTYPES:
-        got = f"{x.dtype} of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x)
-        raise ValueError(f"{op}: x must be a 2-D float32/bfloat16/float16 tensor, got {got}")
-    if x.shape[1] == 0:
-        raise ValueError(f"{op}: x must have at least one column (nothing to scale by)")
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
-        raise ValueError(f"{op}: bits must be an integer from 2 to 8, got {bits!r}")
 
 
 def check_quantize_args(x, clip, bits, stochastic, seed, scaling, transpose) -> None:
@@ -91,19 +65,18 @@ def check_quantize_args(x, clip, bits, stochastic, seed, scaling, transpose) -> 
                 f"quantize_rows: clip must have shape ({x.shape[0]},) (per row) or () (per "
                 f"tensor) for x of shape {tuple(x.shape)}, got {tuple(clip.shape)}"
             )
-        if clip.device != x.device:
-            raise ValueError(f"quantize_rows: clip is on {clip.device}, x on {x.device}")
     for name, flag in (("stochastic", stochastic), ("scaling", scaling), ("transpose", transpose)):
         if not isinstance(flag, bool):
             raise ValueError(f"quantize_rows: {name} must be True or False, got {flag!r}")
-    if stochastic:
-        if not isinstance(seed, torch.Tensor) or seed.dtype not in SEED_DTYPES or seed.numel() != 1:
-            raise ValueError(
-                f"quantize_rows: stochastic rounding needs seed, a one-element int32/int64 "
-                f"tensor, got {seed!r}"
-            )
-        if seed.device != x.device:
-            raise ValueError(f"quantize_rows: seed is on {seed.device}, x on {x.device}")
+    if stochastic and (
+        not isinstance(seed, torch.Tensor) or seed.dtype not in SEED_DTYPES or seed.numel() != 1
+    ):
+        raise ValueError(
+            f"quantize_rows: stochastic rounding needs seed, a one-element int32/int64 "
+            f"tensor, got {seed!r}"
+        )
+    tensors = {"x": x, "clip": clip, "seed": seed if stochastic else None}
+    check_devices("quantize_rows", "x", tensors)
 
 
 def quantize_rows_reference(
@@ -122,7 +95,7 @@ def quantize_rows_reference(
     gives one result and the global generator is left alone.
     """
     check_quantize_args(x, clip, bits, stochastic, seed, scaling, transpose)
-    qmax = _qmax(bits)
+    qmax = common.qmax(bits)
     x32 = x.float()
     per_tensor = clip is not None and clip.dim() == 0
     if clip is None:
@@ -164,12 +137,12 @@ def quantize_rows(
     """Quantize the rows of x [R, C] to int8 (module docstring): returns (q, scale).
 
     q: int8 [R, C], or [C, R] with `transpose`; scale: float32 [R]. Triton on CUDA tensors and
-    under TRITON_INTERPRET=1 (`gradq_fx.kernels.use_triton`), else `quantize_rows_reference`.
+    under TRITON_INTERPRET=1 (`common.launches_triton`), else `quantize_rows_reference`.
     """
-    if triton is None or not use_triton(x):
+    if not launches_triton(x):
         return quantize_rows_reference(x, clip, bits, stochastic, seed, scaling, transpose)
     check_quantize_args(x, clip, bits, stochastic, seed, scaling, transpose)
-    return _launch(x, clip, _qmax(bits), stochastic, seed, scaling, transpose)
+    return _launch(x, clip, common.qmax(bits), stochastic, seed, scaling, transpose)
 
 
 @quantize_rows.register_fake
@@ -233,14 +206,12 @@ if triton is not None:
         triton.Config({"BLOCK_R": 32, "BLOCK_C": 128}, num_warps=8),
         triton.Config({"BLOCK_R": 64, "BLOCK_C": 64}, num_warps=8),
     ]
-    # The interpreter cannot autotune over several configs; small tiles keep ragged edges
-    # and multi-tile rows reachable at test sizes.
     _INTERPRETER_CONFIGS = [triton.Config({"BLOCK_R": 8, "BLOCK_C": 32})]
 
-    @triton.autotune(
-        configs=_INTERPRETER_CONFIGS if triton.knobs.runtime.interpret else _CUDA_CONFIGS,
-        key=["R", "C", "stride_xc", "stride_qc", "HAS_CLIP", "STOCHASTIC"],
-        cache_results=PERSIST_AUTOTUNING,
+    @common.autotune(
+        ["R", "C", "stride_xc", "stride_qc", "HAS_CLIP", "STOCHASTIC"],
+        _CUDA_CONFIGS,
+        _INTERPRETER_CONFIGS,
     )
     @triton.jit
     def _quantize_rows_kernel(
@@ -291,9 +262,7 @@ if triton is not None:
                 clip = tl.maximum(clip, tl.max(x, axis=1))
             clip = tl.where(nonfinite > 0, float("nan"), clip)
         finite = tl.abs(clip) < float("inf")  # False for a NaN clip too
-        qmax = tl.full([BLOCK_R], QMAX, dtype=tl.float32)
-        scale = tl.where(clip > 0, tl.math.div_rn(clip, qmax), 1.0)
-        scale = tl.where(finite, scale, float("nan"))
+        scale = tl.where(finite, common.clip_scale(clip, QMAX), float("nan"))
 
         if STOCHASTIC:
             seed = tl.load(seed_ptr)
@@ -310,7 +279,7 @@ if triton is not None:
                 low = tl.floor(v)
                 q = low + tl.where(u < v - low, 1.0, 0.0)
             else:
-                q = (v + 12582912.0) - 12582912.0  # 1.5 * 2^23: round half to even
+                q = common.round_half_even(v)
             q = tl.where(finite[:, None], q, 0.0)  # a NaN scale's codes: 0
             q_ptrs = q_ptr + rows64[:, None] * stride_qr + c[None, :] * stride_qc
             tl.store(q_ptrs, q.to(tl.int8), mask=mask)

@@ -10,7 +10,7 @@ This pass only marks nodes (policy); `rewrite` acts on the marks (mechanism). It
     after, in meta:    Decision(kind=CONVOLUTION, module="stages.1.1.conv2_kxk.conv",
                            quantize=False, reason="depthwise convolution (groups=48): ...")
 
-Convolutions (`ops.quantized_conv2d`): a 2-D convolution of groups 1 and dilation 1 is
+Convolutions (`targets.gradq_conv2d`): a 2-D convolution of groups 1 and dilation 1 is
 quantized. When it *is* a GEMM up to a layout change (no padding, and a 1x1 kernel or a
 patchify kernel whose stride equals its size: ViT and Swin patch embeddings) it becomes
 `gradq.mm`s; any other kernel, stride and padding (MobileViT's 3x3 convolutions) an implicit
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import fx
 from torch.fx.operator_schemas import normalize_function
 
-from gradq_fx import ops
+from gradq_fx import ops, targets
 from gradq_fx.config import Attention, GradQConfig, Granularity
 from gradq_fx.passes.subgraphs import Scope, scopes
 
@@ -166,20 +166,20 @@ class ConvGeometry:
 
     @property
     def is_gemm(self) -> bool:
-        """A GEMM up to a layout change (`ops.conv2d_is_gemm`); 'same' padding is not."""
+        """A GEMM up to a layout change (`targets.conv2d_is_gemm`); 'same' padding is not."""
         if isinstance(self.padding, str):
             return False
-        return ops.conv2d_is_gemm(
+        return targets.conv2d_is_gemm(
             self.kernel, self.stride, self.padding, self.dilation, self.groups
         )
 
     @property
     def is_implicit_gemm(self) -> bool:
-        """Taken by gradq's implicit-GEMM path (`ops.conv2d_is_implicit_gemm`): groups 1 and
+        """Taken by gradq's implicit-GEMM path (`targets.conv2d_is_implicit_gemm`): groups 1 and
         dilation 1, numeric padding."""
         if isinstance(self.padding, str):
             return False
-        return ops.conv2d_is_implicit_gemm(self.kernel, self.dilation, self.groups)
+        return targets.conv2d_is_implicit_gemm(self.kernel, self.dilation, self.groups)
 
 
 def _pair(value) -> tuple[int, int] | None:
@@ -331,7 +331,7 @@ def lsq_bits_of(node: fx.Node) -> int | None:
         return None
     if node.target in (_LSQ, _LSQ.default):
         named = arguments(node)
-        return ops.lsq_bits(named["low"], named["high"])
+        return ops.range_bits(named["low"], named["high"])
     if node.target is torch.cat:
         parts = node.kwargs.get("tensors", node.args[0] if node.args else ())
         widths = {lsq_bits_of(p) if isinstance(p, fx.Node) else None for p in parts}

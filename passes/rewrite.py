@@ -6,21 +6,21 @@ joint graph AOTAutograd derives holds the forward, dgrad and wgrad GEMMs of ever
 
     before:  linear = torch._C._nn.linear(input=x, weight=w, bias=b)
     after:   gradq_probe_0 = self.gradq_probe_0            (a get_attr; see `_probe`)
-             linear = gradq_fx.ops.quantized_linear(x, w, b, site=("blocks.0.mlp.fc1",
+             linear = gradq_fx.targets.gradq_linear(x, w, b, site=("blocks.0.mlp.fc1",
                           ("8:per_row:..", "8:per_row:.."), (..), (..), "wgrad"),
                           probe=gradq_probe_0)
 
     before:  sdpa = torch._C._nn.scaled_dot_product_attention(query=q, key=k, value=v, ...)
-    after:   sdpa = gradq_fx.ops.quantized_attention(q, k, v, ..., qk_site=.., pv_site=..)
+    after:   sdpa = gradq_fx.targets.gradq_attention(q, k, v, ..., qk_site=.., pv_site=..)
 
     before:  conv2d = torch.conv2d(x, w, b, (16, 16), (0, 0), (1, 1), 1)
     after:   gradq_probe_0 = self.gradq_probe_0
-             conv2d = gradq_fx.ops.quantized_conv2d(x, w, b, (16, 16), (0, 0), (1, 1), 1,
+             conv2d = gradq_fx.targets.gradq_conv2d(x, w, b, (16, 16), (0, 0), (1, 1), 1,
                           site=("patch_embed.proj", ..., "wgrad"), probe=gradq_probe_0)
 
 (stride, padding, dilation, groups as `annotate.conv2d_geometry` reads them, 'same' resolved;
 only convolutions of groups 1 and dilation 1 are marked: GEMMs, and dense k x k ones that
-`ops.quantized_conv2d` turns into implicit GEMMs.)
+`targets.gradq_conv2d` turns into implicit GEMMs.)
 
 Nodes keep their metadata (the value, its shape and dtype are unchanged).
 """
@@ -32,7 +32,7 @@ import dataclasses
 from torch import fx
 from torch._dynamo.source import AttrSource
 
-from gradq_fx import ops, stats
+from gradq_fx import stats, targets
 from gradq_fx.config import GradQConfig, QuantSpec, Role, lsq_operand
 from gradq_fx.passes.annotate import (
     Decision,
@@ -54,7 +54,7 @@ def site_for(
     config: GradQConfig,
     right_is_weight: bool,
     lsq_bits: tuple[int | None, int | None] = (None, None),
-) -> ops.GemmSite:
+) -> targets.GemmSite:
     """The operand specs of a GEMM's three roles; ("", "") where the config keeps a role float.
 
     Forward: the config's weight and activation specs (fake quantization below 8 bits, in
@@ -73,21 +73,21 @@ def site_for(
     right = right if right_bits is None else lsq_operand(right_bits)
     act8 = _at_8_bits(config.activation)
     right8 = _at_8_bits(config.weight) if right_is_weight else act8
-    role_b = Role.WGRAD if right_is_weight else Role.DGRAD
 
     def specs(role: Role, left: str, right: str) -> tuple[str, str]:
         return (left, right) if config.quantizes(role) else ("", "")
 
-    return ops.GemmSite(
+    site = targets.GemmSite(
         module=module,
         forward=specs(Role.FORWARD, left, right),
-        dgrad_a=specs(Role.DGRAD, grad, right8),
-        dgrad_b=specs(role_b, act8, grad),
-        role_b=role_b.value,
+        grad_left=specs(Role.DGRAD, grad, right8),
+        grad_right=("", ""),
+        right="W" if right_is_weight else "A",
     )
+    return site._replace(grad_right=specs(site.right_role, act8, grad))
 
 
-def _probe(scope: Scope, weight: fx.Node, site: ops.GemmSite, config: GradQConfig):
+def _probe(scope: Scope, weight: fx.Node, site: targets.GemmSite, config: GradQConfig):
     """A node of `scope`'s graph for the weight's statistics probe, or None (`gradq_fx.stats`).
 
     The probe is a [3] parameter that backward fills with the wgrad gradient's quantization
@@ -96,7 +96,7 @@ def _probe(scope: Scope, weight: fx.Node, site: ops.GemmSite, config: GradQConfi
     body of a higher-order op (activation checkpointing) gets it as one more operand.
     """
     parameter = parameter_of(weight, scope)
-    if not config.stats or not site.dgrad_b[1] or parameter is None:
+    if not config.stats or not site.grad_right[1] or parameter is None:
         return None
     probe = stats.new_probe(parameter)
     top = scope.top
@@ -128,27 +128,27 @@ def _replacement(scope: Scope, node: fx.Node, decision: Decision, config: GradQC
         if "weight" in named:
             probe = _probe(scope, named["weight"], site, config)
             args = (named["input"], named["weight"], named.get("bias"))
-            return ops.quantized_linear, args, {"site": site, "probe": probe}
+            return targets.gradq_linear, args, {"site": site, "probe": probe}
         probe = _probe(scope, named["other"], site, config)
         args = (named["input"], named["other"])
-        return ops.quantized_matmul, args, {"site": site, "probe": probe}
+        return targets.gradq_matmul, args, {"site": site, "probe": probe}
     if decision.kind is Kind.MATMUL:
         site = site_for(f"{decision.module}[{node.name}]", config, right_is_weight=False)
-        return ops.quantized_matmul, (named["input"], named["other"]), {"site": site}
+        return targets.gradq_matmul, (named["input"], named["other"]), {"site": site}
     if decision.kind is Kind.CONVOLUTION:  # a conv2d that is a GEMM (annotate checked it)
         site = site_for(decision.module, config, right_is_weight=True)
         probe = _probe(scope, named["weight"], site, config)
         g = conv2d_geometry(node)
         args = (named["input"], named["weight"], named["bias"])
         args += (g.stride, g.padding, g.dilation, g.groups)
-        return ops.quantized_conv2d, args, {"site": site, "probe": probe}
+        return targets.gradq_conv2d, args, {"site": site, "probe": probe}
     if decision.kind is Kind.ATTENTION:
         sites = {
             f"{name}_site": site_for(f"{decision.module}[{name}]", config, right_is_weight=False)
             for name in ("qk", "pv")
         }
         args = (named.pop("query"), named.pop("key"), named.pop("value"))
-        return ops.quantized_attention, args, {**named, **sites}
+        return targets.gradq_attention, args, {**named, **sites}
     raise ValueError(f"gradq cannot rewrite a {decision.kind.value} node ({node.name})")
 
 

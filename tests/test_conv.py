@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gradq_fx import ops
+from gradq_fx import targets
 from gradq_fx.backend import gradq_backend, gradq_eager_backend
 from gradq_fx.quantizer import sqnr_db
 
@@ -40,7 +40,7 @@ CASES = {
 def _is_dense(name: str) -> bool:
     c_in, c_out, kernel, stride, padding = CASES[name][:5]
     kernel, stride, padding = (torch.nn.modules.utils._pair(v) for v in (kernel, stride, padding))
-    return not ops.conv2d_is_gemm(kernel, stride, padding, (1, 1), 1)
+    return not targets.conv2d_is_gemm(kernel, stride, padding, (1, 1), 1)
 
 
 DENSE = sorted(filter(_is_dense, CASES))
@@ -92,18 +92,18 @@ def make_case(name: str, seed: int = 0) -> tuple[torch.nn.Conv2d, torch.Tensor, 
 def compiled_step(model, x, grad_out, options=None, backend=gradq_eager_backend):
     """Output, dX and parameter gradients of model(x) compiled by a gradq backend; asserts
     that every conv2d was rewritten."""
-    targets = []
+    called = []
 
     def recording(gm, example_inputs):
         compiled = backend(gm, example_inputs, options)  # rewrites gm in place first
-        targets.extend(node.target for node in gm.graph.nodes)
+        called.extend(node.target for node in gm.graph.nodes)
         return compiled
 
     model.zero_grad()
     x = x.clone().requires_grad_()
     out = torch.compile(model, backend=recording, fullgraph=True)(x)
     out.backward(grad_out)
-    assert ops.quantized_conv2d in targets and F.conv2d not in targets
+    assert targets.gradq_conv2d in called and F.conv2d not in called
     grads = {name: p.grad.clone() for name, p in model.named_parameters()}
     return out.detach(), x.grad, grads
 
@@ -183,13 +183,13 @@ def test_bf16_autocast():
     assert sqnr_db(ref_out, out) > 30 and sqnr_db(ref_dw, dw) > 30
 
 
-def test_quantized_conv2d_refuses_grouped_and_dilated_convolutions():
-    site = ops.GemmSite("conv", ("", ""), ("", ""), ("", ""), "wgrad")
+def test_gradq_conv2d_refuses_grouped_and_dilated_convolutions():
+    site = targets.GemmSite("conv", ("", ""), ("", ""), ("", ""), "W")
     x, weight = torch.randn(1, 4, 8, 8), torch.randn(4, 4, 3, 3)
     for dilation, groups in ((1, 2), (2, 1)):
-        with pytest.raises(ValueError, match="quantized_conv2d takes groups 1 and dilation 1"):
+        with pytest.raises(ValueError, match="gradq_conv2d takes groups 1 and dilation 1"):
             w = weight[:, : 4 // groups]
-            ops.quantized_conv2d(x, w, None, (1, 1), (1, 1), dilation, groups, site)
+            targets.gradq_conv2d(x, w, None, (1, 1), (1, 1), dilation, groups, site)
 
 
 class RoleRecorder(torch.utils._python_dispatch.TorchDispatchMode):
@@ -210,10 +210,10 @@ class RoleRecorder(torch.utils._python_dispatch.TorchDispatchMode):
 @pytest.mark.parametrize("name", ["3x3_pad1", "1x1"])
 def test_dense_convolutions_are_implicit_gemms_the_others_gemms(name):
     conv, x, grad_out = make_case(name)
-    site = ops.GemmSite("conv", ("", ""), ("", ""), ("", ""), "wgrad")
+    site = targets.GemmSite("conv", ("", ""), ("", ""), ("", ""), "W")
     x = x.requires_grad_()
     with RoleRecorder() as recorder:
-        out = ops.quantized_conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, 1, 1, site)
+        out = targets.gradq_conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, 1, 1, site)
         out.backward(grad_out)
     op = "conv2d" if name in DENSE else "mm"
     assert recorder.calls == [(op, "forward"), (op, "dgrad"), (op, "wgrad")]

@@ -13,8 +13,11 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-from gradq_fx import fallback, ops, stats
+from gradq_fx import fallback, stats
 from gradq_fx.config import QuantSpec
+from gradq_fx.lowerings import reference
+from gradq_fx.lowerings.fused import FUSED
+from gradq_fx.lowerings.triton import TRITON
 from gradq_fx.passes import lower
 from gradq_fx.report import report
 
@@ -41,7 +44,7 @@ def train_step(model, x, options):
 def mm_arguments(a, b, bias=None) -> dict:
     return {
         "a": a, "b": b, "bias": bias, "a_spec": ACTIVATION, "b_spec": ACTIVATION,
-        "role": "forward", "module": "fc",
+        "role": "forward", "operands": "AW", "module": "fc",
     }  # fmt: skip
 
 
@@ -50,7 +53,7 @@ def slow_first_layer(monkeypatch):
     """Every GEMM of module "0" measures at half the float speed, the others at twice."""
     calls = []
 
-    def speedup(target, arguments):
+    def speedup(lowering, target, arguments):
         calls.append((target, arguments["module"], arguments["role"]))
         return 0.5 if arguments["module"] == "0" else 2.0
 
@@ -72,30 +75,42 @@ def test_materialise_keeps_shape_strides_and_dtype():
     assert fallback._materialise("8:per_row") == "8:per_row"
 
 
-def test_paths_compute_the_int8_gemm_and_the_float_gemm():
+@pytest.mark.parametrize("lowering", [TRITON, FUSED], ids=["triton", "fused"])
+def test_paths_compute_the_int8_gemm_and_the_float_gemm(lowering, monkeypatch):
     a, b, bias = torch.randn(7, 13), torch.randn(5, 13).t(), torch.randn(5)
     arguments = mm_arguments(a, b, bias)
-    int8, floating = fallback._paths(GEMM, arguments)
-    expected = ops.mm_reference(a, b, bias, ACTIVATION, ACTIVATION)
-    assert torch.equal(int8(), expected)  # on the CPU, mm_triton is the reference
+    ran = []
+    monkeypatch.setattr(lowering, "quantize_rows", _recording(lowering.quantize_rows, ran))
+    int8, floating = fallback._paths(lowering, GEMM, arguments)
+    expected = reference.run_mm(a, b, bias, ACTIVATION, ACTIVATION)
+    assert torch.equal(int8(), expected)  # on the CPU the kernels run their references
+    assert len(ran) == 2  # the path timed is the lowering's: it quantized both operands
     torch.testing.assert_close(floating(), a @ b + bias, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="target must be gradq.mm or gradq.conv2d"):
-        fallback._paths(torch.ops.aten.mm.default, arguments)
+        fallback._paths(lowering, torch.ops.aten.mm.default, arguments)
+
+
+def _recording(fn, calls: list):
+    def recorded(*args, **kwargs):
+        calls.append(args)
+        return fn(*args, **kwargs)
+
+    return recorded
 
 
 def test_conv_paths_compute_the_int8_and_the_float_convolution():
     x, w, bias = torch.randn(2, 3, 11, 9), torch.randn(5, 3, 3, 3), torch.randn(5)
     conv = {"a": x, "b": w, "bias": bias, "stride": [2, 2], "padding": [1, 1], "size": [6, 5]}
     specs = {"a_spec": ACTIVATION, "b_spec": ACTIVATION, "role": "forward", "module": "c"}
-    int8, floating = fallback._paths(torch.ops.gradq.conv2d.default, {**conv, **specs})
-    expected = ops.conv_reference(*conv.values(), ACTIVATION, ACTIVATION, "forward")
+    int8, floating = fallback._paths(TRITON, torch.ops.gradq.conv2d.default, {**conv, **specs})
+    expected = reference.run_conv2d(*conv.values(), ACTIVATION, ACTIVATION, "forward")
     assert torch.equal(int8(), expected)
     want = torch.nn.functional.conv2d(x, w, bias, stride=2, padding=1)
     torch.testing.assert_close(floating(), want, rtol=1e-5, atol=1e-5)
 
 
 def test_measure_returns_a_ratio_of_times():
-    ratio = fallback.measure(GEMM, mm_arguments(torch.randn(31, 17), torch.randn(17, 11)))
+    ratio = fallback.measure(TRITON, GEMM, mm_arguments(torch.randn(31, 17), torch.randn(17, 11)))
     assert ratio > 0 and math.isfinite(ratio)
 
 
@@ -105,13 +120,13 @@ def test_measure_returns_a_ratio_of_times():
 def test_speedup_measures_cuda_gemms_once_per_signature(monkeypatch):
     measured = []
     monkeypatch.setattr(fallback, "_MEASURED", {})
-    monkeypatch.setattr(fallback, "measure", lambda t, args: measured.append(args) or 0.8)
+    monkeypatch.setattr(fallback, "measure", lambda lo, t, args: measured.append(args) or 0.8)
     with FakeTensorMode():  # fake CUDA tensors need no GPU
         a, b = torch.empty(197, 64, device="cuda"), torch.empty(64, 32, device="cuda")
         cpu = torch.empty(197, 64)
-    assert fallback.speedup(GEMM, mm_arguments(a, b)) == 0.8
+    assert fallback.speedup(TRITON, GEMM, mm_arguments(a, b)) == 0.8
     # Another module with the same GEMM: no new measurement.
-    assert fallback.speedup(GEMM, {**mm_arguments(a, b), "module": "other"}) == 0.8
+    assert fallback.speedup(TRITON, GEMM, {**mm_arguments(a, b), "module": "other"}) == 0.8
     assert len(measured) == 1
     (first,) = fallback.measurements()
     assert (first.op, first.role, first.a_shape, first.b_shape) == (
@@ -121,21 +136,22 @@ def test_speedup_measures_cuda_gemms_once_per_signature(monkeypatch):
         "64x32",
     )
     assert (first.dtype, first.speedup) == ("float32", 0.8)
-    fallback.speedup(GEMM, mm_arguments(a, b.t().contiguous().t()))  # another layout
+    fallback.speedup(TRITON, GEMM, mm_arguments(a, b.t().contiguous().t()))  # another layout
     assert len(measured) == 2
-    assert fallback.speedup(GEMM, mm_arguments(cpu, b)) is None  # the CPU is never measured
+    # The CPU is never measured.
+    assert fallback.speedup(TRITON, GEMM, mm_arguments(cpu, b)) is None
     assert len(measured) == 2
     fallback.reset()
     assert fallback.measurements() == []
 
 
 def test_symbolic_shapes_are_not_measured(monkeypatch):
-    monkeypatch.setattr(fallback, "measure", lambda t, args: pytest.fail("measured"))
+    monkeypatch.setattr(fallback, "measure", lambda lo, t, args: pytest.fail("measured"))
     env = ShapeEnv()
     with FakeTensorMode(shape_env=env):
         tokens = env.create_unbacked_symint()  # dynamic=True: the token count is a symbol
         a, b = torch.empty(tokens, 64, device="cuda"), torch.empty(64, 32, device="cuda")
-    assert fallback.speedup(GEMM, mm_arguments(a, b)) is None
+    assert fallback.speedup(TRITON, GEMM, mm_arguments(a, b)) is None
 
 
 # --- what falls back -------------------------------------------------------------------------
@@ -182,7 +198,7 @@ def test_lowered_graph_keeps_int8_kernels_for_the_fast_gemms(slow_first_layer):
 
 
 def test_never_asks_for_no_measurement(monkeypatch):
-    monkeypatch.setattr(fallback, "speedup", lambda t, a: pytest.fail("measured"))
+    monkeypatch.setattr(fallback, "speedup", lambda lo, t, a: pytest.fail("measured"))
     result = report(mlp(), torch.randn(7, 13), {"lowering": "triton", "fallback": "never"})
     assert all(row.lowering == "triton" for row in result.gemms)
 
@@ -207,7 +223,7 @@ def test_report_names_each_fallback_with_its_ratio_and_reason(slow_first_layer):
 def test_cuda_speedup_is_measured_and_the_report_agrees_with_it():
     a = torch.randn(197, 64, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(32, 64, device="cuda", dtype=torch.bfloat16).t()
-    ratio = fallback.speedup(GEMM, mm_arguments(a, b))
+    ratio = fallback.speedup(TRITON, GEMM, mm_arguments(a, b))
     assert ratio is not None and ratio > 0 and math.isfinite(ratio)
     model = mlp().cuda()
     result = report(model, torch.randn(197, 13, device="cuda"), {"lowering": "triton"})
@@ -224,9 +240,9 @@ def test_measuring_inside_inductors_joint_pass(monkeypatch):
     """
     measured = {}
 
-    def speedup(target, arguments):
+    def speedup(lowering, target, arguments):
         gemm = (arguments["module"], arguments["role"])
-        measured[gemm] = fallback.measure(target, arguments)
+        measured[gemm] = fallback.measure(lowering, target, arguments)
         return 0.5 if arguments["module"] == "0" else 2.0
 
     monkeypatch.setattr(fallback, "speedup", speedup)

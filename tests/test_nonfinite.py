@@ -215,7 +215,7 @@ def test_lsq_fake_quantization_passes_bad_values_both_ways(bad):
     scale = torch.tensor(0.05, requires_grad=True)
     with torch.no_grad():
         x[1, 2] = bad
-    out = gradq_fx.ops.lsq_fake_quantize(x, scale, bits=4)
+    out = gradq_fx.ops.lsq_node(x, scale, bits=4)
     assert nonfinite(out)[1, 2] and nonfinite(out).sum() == 1
     if not math.isnan(bad):  # an Inf stays the same Inf, as the float identity gives it
         assert out[1, 2] == bad
@@ -224,7 +224,7 @@ def test_lsq_fake_quantization_passes_bad_values_both_ways(bad):
     with torch.no_grad():
         x[1, 2] = 100.0  # clipped: LSQ's gradient to it is 0, but not for a bad gradient
         x[3, 7] = 100.0
-    out = gradq_fx.ops.lsq_fake_quantize(x, scale, bits=4)
+    out = gradq_fx.ops.lsq_node(x, scale, bits=4)
     out.backward(grad)
     assert nonfinite(x.grad)[3, 7] and nonfinite(x.grad).sum() == 1
     assert nonfinite(scale.grad)

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from gradq_fx import ops, quantizer, stats
+from gradq_fx import quantizer, stats, targets
 from gradq_fx.config import GradQConfig, Granularity
-from gradq_fx.ops import quantized_linear
+from gradq_fx.lowerings.triton import TRITON
 from gradq_fx.passes.rewrite import site_for
 from tests.conftest import tiny_model
 
@@ -42,7 +42,7 @@ def test_probe_gradient_is_the_wgrad_gradient_statistics():
     x = torch.randn(3, 197, 37)
     weight = torch.randn(11, 37, requires_grad=True)
     probe = torch.zeros(3, requires_grad=True)
-    out = quantized_linear(x, weight, None, site, probe)
+    out = targets.gradq_linear(x, weight, None, site, probe)
     captured = []
     out.register_hook(captured.append)
     (out.square().sum() * 0.5).backward()
@@ -73,14 +73,14 @@ def test_stats_of_a_compiled_model_cover_every_linear_and_accumulate():
 @pytest.mark.parametrize("dim", [-1, -2])
 @pytest.mark.parametrize("granularity", ["per_row", "per_tensor"])
 def test_kernel_clip_stats_equal_the_reference_on_cpu(dim, granularity):
-    # stats_triton takes per-row iqr clips from kernels/iqr.py, whose CPU path is the
+    # The triton lowering takes per-row iqr clips from kernels/iqr.py, whose CPU path is the
     # reference's clip_value: the same numbers, and the same as the direct formulas.
     torch.manual_seed(2)
     g = torch.randn(53, 197) * torch.rand(53, 197).pow(6)
     g[3] = 0.0  # an all-zero row
     spec = dataclasses.replace(GradQConfig().gradient, granularity=Granularity(granularity))
     expected = quantizer.quantization_stats(g, spec, dim)
-    assert torch.equal(ops.stats_triton(g, spec.encode(), dim), expected)
+    assert torch.equal(TRITON.stats(g, spec, dim), expected)
     assert torch.equal(torch.ops.gradq.quantization_stats(g, spec.encode(), dim, "fc"), expected)
     cosine, error = direct_stats(g, quantizer.simulate(g, spec, dim))
     assert expected.tolist() == pytest.approx([cosine, error, 1.0], rel=1e-4, abs=1e-6)
@@ -115,15 +115,22 @@ def test_statistics_share_the_wgrads_iqr_clip_in_inductors_code(lowering):
     one IQR clip for both, so the statistics cost no second clip."""
     from torch._inductor.utils import run_and_get_code
 
-    torch._dynamo.reset()
-    model = torch.nn.Sequential(torch.nn.Linear(13, 17), torch.nn.GELU(), torch.nn.Linear(17, 5))
-    x = torch.randn(7, 13, requires_grad=True)
-    options = {"lowering": lowering, "stats": True}
-    compiled = torch.compile(model, backend="gradq", options=options)
-    _, codes = run_and_get_code(lambda: compiled(x).sum().backward())
-    assert set(stats.stats(model)) == {"0", "2"}
-    # 2 layers x (dgrad's dY rows, wgrad's dY^T rows); the 2 probes add none.
-    assert "\n".join(codes).count("gradq.iqr_clip_rows.default(") == 4
+    def clips(with_stats: bool) -> int:
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(
+            torch.nn.Linear(13, 17), torch.nn.GELU(), torch.nn.Linear(17, 5)
+        )
+        x = torch.randn(7, 13, requires_grad=True)
+        options = {"lowering": lowering, "stats": with_stats}
+        compiled = torch.compile(model, backend="gradq", options=options)
+        _, codes = run_and_get_code(lambda: compiled(x).sum().backward())
+        assert set(stats.stats(model)) == ({"0", "2"} if with_stats else set())
+        return "\n".join(codes).count("gradq.iqr_clip_rows.default(")
+
+    without = clips(with_stats=False)
+    assert without > 0  # the gradients' per-row iqr clips run as gradq's kernel
+    assert clips(with_stats=True) == without
 
 
 def test_no_probes_without_stats_or_wgrad():

@@ -2,7 +2,7 @@
 
 One `LSQQuantizer` per quantized operand: one per Linear weight, one per activation input.
 Timm fuses q, k and v into one `qkv` Linear; the Quantization Variation paper gives each its
-own quantizers (method.md), which `QKVQuantizers` does on the fused weight without splitting
+own quantizers (docs/method.md), which `QKVQuantizers` does on the fused weight without splitting
 the module. The numerics live in `gradq_fx.quantizer` (the LSQ section); this file holds state.
 """
 
@@ -88,7 +88,7 @@ class LSQQuantizer(nn.Module):
         self.initialised.fill_(True)
 
     def grad_scale(self, x: torch.Tensor) -> torch.Tensor | float:
-        """The step size's gradient scale g for this x (method.md)."""
+        """The step size's gradient scale g for this x (docs/method.md)."""
         if self.kind == "weight":
             return quantizer.lsq_weight_grad_scale(x, self.bits, self.channels is not None)
         return quantizer.lsq_activation_grad_scale(x, self.bits, self.signed)
@@ -99,7 +99,7 @@ class LSQQuantizer(nn.Module):
             if not bool(self.initialised):
                 self.initialise(x.detach())
             self._seen_initialised = True
-        return ops.lsq_fake_quantize(
+        return ops.lsq_node(
             x,
             self._scale_for(x),
             self.offset,

@@ -11,23 +11,24 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gradq_fx import ops
-from gradq_fx.config import Clipping, QuantSpec
-from gradq_fx.kernels import triton_installed, triton_interpreting
+from gradq_fx.config import Clipping, QuantSpec, Role
 from gradq_fx.kernels.conv import int8_scaled_conv2d, int8_scaled_conv2d_reference
 from gradq_fx.kernels.int_mm import (
     int8_conv2d,
     int8_conv2d_input_grad,
     int8_conv2d_weight_grad,
 )
-
-interpret = pytest.mark.interpret
-needs_cuda = pytest.mark.skipif(
-    not (torch.cuda.is_available() and triton_installed()) or triton_interpreting(),
-    reason="needs a CUDA device, triton, and compiled (not interpreted) kernels",
+from gradq_fx.lowerings.reference import REFERENCE
+from gradq_fx.lowerings.triton import TRITON
+from tests.kernels.conftest import (
+    OUT_DTYPES,
+    assert_equal,
+    interpret,
+    needs_cuda,
+    random_int8,
+    random_scales,
 )
 
-OUT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (batch, in channels, out channels, height, width, kernel, stride, padding): odd and prime
 # sizes, stride 1 and 2, padding 0 and 1, a channel count past one 16-wide step, a 5x5 and a
 # non-square kernel, the 3-channel stem.
@@ -40,20 +41,10 @@ GEOMETRIES = [
 ]
 
 
-def random_int8(*shape, seed: int, low: int = -127, high: int = 127) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(low, high + 1, shape, generator=gen, dtype=torch.int8)
-
-
-def random_scales(*shape, seed: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.rand(shape, generator=gen) * 2e-2 + 1e-4
-
-
 def operands(geometry, seed: int = 0):
     batch, c_in, c_out, height, width, kernel, _, _ = geometry
-    x = random_int8(batch, c_in, height, width, seed=seed)
-    w = random_int8(c_out, c_in, *kernel, seed=seed + 1)
+    x = random_int8(batch, c_in, height, width, seed=seed, low=-127)
+    w = random_int8(c_out, c_in, *kernel, seed=seed + 1, low=-127)
     return x, w
 
 
@@ -66,12 +57,6 @@ def expected(x, w, x_scale, w_scale, stride, padding, bias, out_dtype):
     return out.to(out_dtype)
 
 
-def assert_equal(out, want):
-    assert out.dtype == want.dtype and out.shape == want.shape
-    bad = (out != want).nonzero()
-    assert bad.numel() == 0, f"{len(bad)} values differ, first at {bad[:3].tolist()}"
-
-
 # -- exact integer convolutions (the reference's core) ---------------------------------------
 
 
@@ -82,7 +67,7 @@ def test_integer_convolutions_equal_float64_autograd(geometry):
     x64 = x.double().requires_grad_()
     w64 = w.double().requires_grad_()
     out64 = F.conv2d(x64, w64, None, stride, padding)
-    dy = random_int8(*out64.shape, seed=7)
+    dy = random_int8(*out64.shape, seed=7, low=-127)
     out64.backward(dy.double())
 
     out = int8_conv2d(x, w, stride, padding)
@@ -232,15 +217,15 @@ def test_conv_triton_matches_conv_reference(geometry, role):
     w = torch.randn(c_out, c_in, *kernel, generator=gen)
     out_size = F.conv2d(x, w, None, stride, padding).shape[2:]
     dy = torch.randn(batch, c_out, *out_size, generator=gen)
-    act, weight, grad = (CONV_SPECS[k].encode() for k in ("act", "weight", "grad"))
+    act, weight, grad = (CONV_SPECS[k] for k in ("act", "weight", "grad"))
     operands_by_role = {
         "forward": (x, w, torch.randn(c_out, generator=gen), out_size, act, weight),
         "dgrad": (dy, w, None, x.shape[2:], grad, weight),
         "wgrad": (x, dy, None, kernel, act, grad),
     }
     a, b, bias, size, a_spec, b_spec = operands_by_role[role]
-    args = (a, b, bias, stride, padding, tuple(size), a_spec, b_spec, role)
-    assert_equal(ops.conv_triton(*args), ops.conv_reference(*args))
+    args = (a, b, bias, stride, padding, tuple(size), a_spec, b_spec, Role(role))
+    assert_equal(TRITON.conv2d(*args), REFERENCE.conv2d(*args))
 
 
 @needs_cuda

@@ -16,7 +16,15 @@ import re
 import pytest
 import torch
 
-from gradq_fx.kernels import conv, gemm, iqr, quantize, triton_installed, triton_interpreting
+from gradq_fx.kernels import (
+    common,
+    conv,
+    gemm,
+    iqr,
+    quantize,
+    triton_installed,
+    triton_interpreting,
+)
 
 pytestmark = pytest.mark.skipif(
     not triton_installed() or triton_interpreting(),
@@ -50,7 +58,7 @@ class _Recorder:
 def _launches(monkeypatch, module, kernel_name: str, launch) -> tuple[object, list]:
     recorder = _Recorder(getattr(module, kernel_name))
     monkeypatch.setattr(module, kernel_name, recorder)
-    monkeypatch.setattr(module, "use_triton", lambda tensor: True)
+    monkeypatch.setattr(common, "use_triton", lambda tensor: True)
     launch()
     return recorder.kernel, recorder.calls
 

@@ -12,7 +12,7 @@ import torch
 
 from gradq_fx import quantizer
 from gradq_fx.config import Clipping, QuantSpec
-from gradq_fx.kernels import triton_installed, triton_interpreting
+from gradq_fx.kernels import triton_interpreting
 from gradq_fx.kernels.gemm import (
     int8_scaled_bmm,
     int8_scaled_bmm_reference,
@@ -21,42 +21,26 @@ from gradq_fx.kernels.gemm import (
 )
 from gradq_fx.kernels.int_mm import int8_gemm
 from gradq_fx.kernels.quantize import quantize_rows
-
-interpret = pytest.mark.interpret
-needs_cuda = pytest.mark.skipif(
-    not (torch.cuda.is_available() and triton_installed()) or triton_interpreting(),
-    reason="needs a CUDA device, triton, and compiled (not interpreted) kernels",
+from tests.kernels.conftest import (
+    OUT_DTYPES,
+    assert_equal,
+    interpret,
+    needs_cuda,
+    random_int8,
+    random_scales,
 )
 
-OUT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (M, K, N): M <= 16 and just above, primes, a ViT token count, K past several 16-wide tiles
 # and not a multiple of them, K long enough that sums pass 2^24.
 MKN = [(1, 7, 3), (5, 13, 37), (16, 64, 16), (17, 33, 5), (197, 61, 37), (24, 1031, 9)]
 
 
-def random_int8(*shape, seed: int, low: int = -128, high: int = 127) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(low, high + 1, shape, generator=gen, dtype=torch.int8)
-
-
-def random_scales(*shape, seed: int) -> torch.Tensor:
-    """Positive scales of the size quantization gives (absmax / 127 for values up to ~1)."""
-    gen = torch.Generator().manual_seed(seed)
-    return torch.rand(shape, generator=gen) * 2e-2 + 1e-4
-
-
 def expected(a, b, row_scale, col_scale, bias, out_dtype):
-    """The brief's formula, written out: float32(a @ b) * rs * cs (+ bias), then the cast."""
+    """The kernel's formula, written out: float32(a @ b) * rs * cs (+ bias), then the cast."""
     out = int8_gemm(a, b).float() * row_scale[..., :, None] * col_scale[..., None, :]
     if bias is not None:
         out = out + bias.float()
     return out.to(out_dtype)
-
-
-def assert_equal(out, want):
-    assert out.dtype == want.dtype and out.shape == want.shape
-    bad = (out != want).nonzero()
-    assert bad.numel() == 0, f"{len(bad)} values differ, first at {bad[:3].tolist()}"
 
 
 # -- the Triton kernel, in the interpreter -------------------------------------------------

@@ -14,15 +14,10 @@ import torch
 
 from gradq_fx import quantizer
 from gradq_fx.config import Clipping, QuantSpec
-from gradq_fx.kernels import triton_installed, triton_interpreting
+from gradq_fx.kernels import triton_interpreting
 from gradq_fx.kernels.iqr import iqr_clip_rows, iqr_clip_rows_reference
+from tests.kernels.conftest import interpret, needs_cuda
 from tests.kernels.test_quantize import make_rows
-
-interpret = pytest.mark.interpret
-needs_cuda = pytest.mark.skipif(
-    not (torch.cuda.is_available() and triton_installed()) or triton_interpreting(),
-    reason="needs a CUDA device, triton, and compiled (not interpreted) kernels",
-)
 
 # Rows x columns: primes, a ViT token count, single row / column, rows of several tiles of the
 # interpreter's 32 columns with a ragged last one, and long rows (a wgrad operand's tokens).

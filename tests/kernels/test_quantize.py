@@ -12,14 +12,9 @@ import torch
 
 from gradq_fx import quantizer
 from gradq_fx.config import Clipping, Granularity, QuantSpec, Rounding
-from gradq_fx.kernels import triton_installed, triton_interpreting
+from gradq_fx.kernels import triton_interpreting
 from gradq_fx.kernels.quantize import quantize_rows, quantize_rows_reference
-
-interpret = pytest.mark.interpret
-needs_cuda = pytest.mark.skipif(
-    not (torch.cuda.is_available() and triton_installed()) or triton_interpreting(),
-    reason="needs a CUDA device, triton, and compiled (not interpreted) kernels",
-)
+from tests.kernels.conftest import interpret, needs_cuda
 
 # Rows x columns: primes, a ViT token count, single row / column, rows longer than the
 # interpreter's 32-column tile and not a multiple of it.

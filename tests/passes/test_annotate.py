@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from gradq_fx.config import GradQConfig
 from gradq_fx.passes import annotate
-from gradq_fx.passes.annotate import Kind
+from gradq_fx.passes.annotate import Kind, Reason
 
 
 class Zoo(torch.nn.Module):
@@ -57,7 +57,8 @@ def test_every_matmul_like_op_gets_a_decision():
     matmuls = by_kind[Kind.MATMUL]
     assert [d.quantize for d in matmuls] == [True, True, False, False]
     assert "left operand" in matmuls[2].reason and "1-D operand" in matmuls[3].reason
-    assert [d.reason for d in by_kind[Kind.OTHER]] == ["addmm: not rewritten by gradq"]
+    (addmm,) = by_kind[Kind.OTHER]
+    assert not addmm.quantize and addmm.code is Reason.NO_INT8_PATH and "addmm" in addmm.reason
     assert [d.module for d in by_kind[Kind.CONVOLUTION]] == ["conv"]
     conv = by_kind[Kind.CONVOLUTION][0]  # a dense 3x3 convolution
     assert conv.quantize and "3x3 conv (stride 1, padding 0) as an implicit GEMM" in conv.reason
@@ -169,14 +170,15 @@ def test_convolutions_that_are_gemms_are_quantized_the_rest_say_why():
     for module, (quantized, reason) in CONV_EXPECTED.items():
         assert found[module].quantize is quantized, (module, found[module])
         assert reason in found[module].reason, (module, found[module].reason)
-    assert found["conv1d"].reason == "conv1d: gradq rewrites 2-D convolutions only"
+    assert found["conv1d"].code is Reason.NO_INT8_PATH and "2-D" in found["conv1d"].reason
     assert not found[""].quantize and "weight is not a parameter" in found[""].reason
 
 
 def test_convolutions_false_and_globs_keep_gemm_convolutions_float():
     found = conv_decisions(GradQConfig.from_options({"convolutions": False}))
     assert not any(d.quantize for d in found.values())
-    assert found["pointwise"].reason == "convolutions kept float (convolutions=False)"
+    assert found["pointwise"].code is Reason.CONFIG
+    assert "convolutions=False" in found["pointwise"].reason
     # Reasons that hold whatever the config come first.
     assert "depthwise" in found["depthwise"].reason
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gradq_fx import kernels, quantizer
+from gradq_fx import plan
 from gradq_fx.config import GradQConfig, Lowering
 from gradq_fx.passes import lower
 from gradq_fx.report import capture
@@ -45,13 +45,15 @@ def test_lowers_every_gradq_gemm_of_the_joint_graph():
 
 def test_uuid_hashes_the_source_of_numerics_ops_passes_and_kernels(tmp_path, monkeypatch):
     names = {path.name for path in lower.source_files()}
-    assert {"quantizer.py", "ops.py", "config.py", "lower.py", "rewrite.py", "int_mm.py"} <= names
+    assert {"ops.py", "config.py", "lower.py", "rewrite.py", "int_mm.py", "plan.py"} <= names
+    assert {"reference.py", "triton.py", "fused.py"} <= names  # the lowerings' package
     before = lower.LowerPass().uuid()
     assert before == lower.LowerPass().uuid()
     # A changed source file changes the uuid (the FX graph cache must not serve stale code).
-    copy = tmp_path / "quantizer.py"
-    copy.write_text(Path(quantizer.__file__).read_text() + "\n# changed\n")
-    files = [copy if p.name == "quantizer.py" else p for p in lower.source_files()]
+    numerics = Path(plan.__file__)
+    copy = tmp_path / numerics.name
+    copy.write_text(numerics.read_text() + "\n# changed\n")
+    files = [copy if p == numerics else p for p in lower.source_files()]
     monkeypatch.setattr(lower, "source_files", lambda: files)
     lower.source_hash.cache_clear()
     try:
@@ -101,13 +103,7 @@ def test_fused_lowering_leaves_the_quantize_to_inductor():
     assert count(graph, torch.ops.aten.bmm.default) == 0
 
 
-def test_auto_lowering_resolves_per_device():
-    assert lower.resolve(Lowering.AUTO, torch.device("cpu")) is Lowering.REFERENCE
-    expected = Lowering.TRITON if kernels.triton_installed() else Lowering.REFERENCE
-    assert lower.resolve(Lowering.AUTO, torch.device("cuda")) is expected
-    assert lower.resolve(Lowering.TRITON, torch.device("cpu")) is Lowering.TRITON
-    with pytest.raises(ValueError, match="lowering.*CUDA"):
-        lower.resolve(Lowering.INDUCTOR_TEMPLATE, torch.device("cpu"))
+def test_uuid_names_the_lowering():
     assert lower.LowerPass(Lowering.TRITON).uuid() != lower.LowerPass(Lowering.REFERENCE).uuid()
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from gradq_fx import ops
-from gradq_fx.config import GradQConfig
+from gradq_fx import targets
+from gradq_fx.config import GradQConfig, Role
 from gradq_fx.passes import annotate, rewrite
 from gradq_fx.passes.rewrite import site_for
 from gradq_fx.quantizer import sqnr_db
@@ -18,11 +18,11 @@ def test_site_specs_follow_roles_and_config():
     act, weight, grad = (getattr(config, o).encode() for o in ("activation", "weight", "gradient"))
     linear = site_for("fc", config, right_is_weight=True)
     assert linear.forward == (act, weight)
-    assert linear.dgrad_a == ("", "")  # dgrad off
-    assert linear.dgrad_b == (act, grad) and linear.role_b == "wgrad"
+    assert linear.grad_left == ("", "")  # dgrad off
+    assert linear.grad_right == (act, grad) and linear.right_role is Role.WGRAD
     attention = site_for("attn[qk]", config, right_is_weight=False)
-    assert attention.forward == (act, act) and attention.role_b == "dgrad"
-    assert attention.dgrad_b == ("", "")  # an attention operand's gradient is a dgrad
+    assert attention.forward == (act, act) and attention.right_role is Role.DGRAD
+    assert attention.grad_right == ("", "")  # an attention operand's gradient is a dgrad
 
 
 def test_rewritten_graph_runs_and_keeps_metadata():
@@ -36,7 +36,7 @@ def test_rewritten_graph_runs_and_keeps_metadata():
         seen["count"] = rewrite.run(gm, config)
         seen["targets"] = [n.target for n in gm.graph.nodes if n.op == "call_function"]
         rewritten = [
-            n.meta["example_value"] for n in gm.graph.nodes if n.target is ops.quantized_linear
+            n.meta["example_value"] for n in gm.graph.nodes if n.target is targets.gradq_linear
         ]
         seen["values"] = (marked, rewritten)
         return gm.forward
@@ -44,7 +44,7 @@ def test_rewritten_graph_runs_and_keeps_metadata():
     x = torch.randn(7, 13)
     out = torch.compile(model, backend=backend)(x)
     assert seen["count"] == 2
-    assert seen["targets"].count(ops.quantized_linear) == 2
+    assert seen["targets"].count(targets.gradq_linear) == 2
     assert torch._C._nn.linear not in seen["targets"]
     marked, rewritten = seen["values"]
     assert [v.shape for v in marked] == [v.shape for v in rewritten] == [(7, 17), (7, 5)]
@@ -64,7 +64,7 @@ def test_gemm_convolution_becomes_quantized_conv2d_with_site_and_probe():
         annotate.run(gm, config)
         before = [n.meta["example_value"] for n in gm.graph.nodes if "gradq" in n.meta]
         assert rewrite.run(gm, config) == 1  # the depthwise conv stays
-        seen["calls"] = [n for n in gm.graph.nodes if n.target is ops.quantized_conv2d]
+        seen["calls"] = [n for n in gm.graph.nodes if n.target is targets.gradq_conv2d]
         seen["before"] = before
         return gm.forward
 
@@ -72,7 +72,7 @@ def test_gemm_convolution_becomes_quantized_conv2d_with_site_and_probe():
     out = torch.compile(model, backend=backend, fullgraph=True)(x)
     (call,) = seen["calls"]
     assert call.args[3:] == ((4, 4), (0, 0), (1, 1), 1)  # stride, padding, dilation, groups
-    assert call.kwargs["site"].module == "0" and call.kwargs["site"].role_b == "wgrad"
+    assert call.kwargs["site"].module == "0" and call.kwargs["site"].right == "W"
     assert call.kwargs["probe"].op == "get_attr"  # statistics, as for a Linear's weight
     assert call.meta["example_value"].shape == seen["before"][0].shape == (2, 8, 4, 4)
     assert sqnr_db(model(x), out) > 30

@@ -268,5 +268,5 @@ def test_flex_attention_is_reported_as_float():
     assert [row.module for row in found.int8_gemms] == ["qkv"]
     (flex,) = found.float_ops
     assert flex.op == "flex_attention" and flex.flops > 0
-    assert flex.reason == "flex_attention: not rewritten by gradq"
+    assert "flex_attention" in flex.reason
     assert flex.code == Reason.NO_INT8_PATH.value

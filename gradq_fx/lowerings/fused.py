@@ -1,0 +1,26 @@
+"""The fused lowering: Inductor's own kernels quantize each operand, gradq's Triton GEMM
+dequantizes in its epilogue.
+
+The quantize is the reference's plain torch (abs, amax, divide, round, clamp, cast), which
+Inductor fuses into the kernel that produces the operand (a LayerNorm, a GELU, a residual
+add) and may recompute in the backward instead of saving int8 codes. Per-row iqr clips still
+come from `kernels/iqr.py`. Everything else is the triton lowering's. On a CPU tensor the
+GEMM runs its reference: the reference's bits.
+"""
+
+from __future__ import annotations
+
+from gradq_fx import quantizer
+from gradq_fx.config import Lowering
+from gradq_fx.lowerings.triton import Triton, kernel_clip
+
+
+class Fused(Triton):
+    kind = Lowering.FUSED
+
+    def quantize_rows(self, rows, spec):
+        q, scale = quantizer.quantize(rows, spec, dim=-1, clip=kernel_clip(rows, spec))
+        return q, scale.expand(rows.shape[0], 1).reshape(-1)  # per_tensor: one scale, repeated
+
+
+FUSED = Fused()
