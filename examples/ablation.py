@@ -10,10 +10,10 @@ interrupted sweep continues where it stopped. Seeds go in the outer loop: a part
 holds whole seeds of every setting. `table` prints the mean and standard deviation of test
 top-1 per model and setting from whatever runs have finished, with the protocol they used.
 
-The protocol defaults are small; on a GPU pass larger ones. The README's table came from this
-script on a 2-core CPU (its command is printed there; the runs' result.json and log.csv files
-are in examples/results/ablation/, which `table --root` reads like any other root). There the
-IQR gradient clipping made a gradq epoch about 4-5x slower than an fp32 one.
+The protocol defaults are small; on a GPU pass larger ones. The tables in docs/results.md came
+from this script on a 2-core CPU (their commands are printed there; the runs' result.json and
+log.csv files are in examples/results/ablation/, which `table --root` reads like any other
+root). There the IQR gradient clipping made a gradq epoch about 4-5x slower than an fp32 one.
 """
 
 from __future__ import annotations

@@ -15,9 +15,10 @@ exists is skipped, so an interrupted sweep continues where it stopped.
 `table` prints mean and standard deviation of test top-1 per model and setting (the fp32
 teachers as `teacher`), with the protocol they used (examples/ablation.py's table).
 
-The whole sweep is 3 x 4 x 3 runs plus 3 teachers per model. The README's table holds the part
-run on a 2-core CPU (W4A4 with every setting, W2A2 without distillation; command there, runs
-in examples/results/qat/).
+The whole sweep is 3 x 4 x 3 runs plus 3 teachers per model. The tables in docs/results.md hold
+the part run on a 2-core CPU (W4A4 with every setting, W3A3 and W2A2 without distillation;
+commands there; runs in examples/results/qat/, and with a stronger teacher in
+examples/results/qat-strong/).
 """
 
 from __future__ import annotations

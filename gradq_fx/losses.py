@@ -1,4 +1,4 @@
-"""GradQ-ViT's outlier-robust loss (method.md item 2).
+"""GradQ-ViT's outlier-robust loss (docs/method.md, "The CH loss").
 
     L = delta * CE(z, y) + (1 - delta) * Huber(softmax(z), onehot(y))
 
@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# The paper's blend weight and Huber threshold are not known to us (method.md): delta = 0.5
-# weighs both terms equally; huber_delta = 1.0 makes the Huber term quadratic over the whole
-# range of a probability difference ([-1, 1]), i.e. 0.5 * squared error per class.
+# The paper's blend weight and Huber threshold are not known to us (docs/method.md):
+# delta = 0.5 weighs both terms equally; huber_delta = 1.0 makes the Huber term quadratic over
+# the whole range of a probability difference ([-1, 1]), i.e. 0.5 * squared error per class.
 DEFAULT_DELTA = 0.5
 DEFAULT_HUBER_DELTA = 1.0
 

@@ -168,7 +168,7 @@ def int_mm_candidate(problem: GemmProblem) -> Callable[[], torch.Tensor]:
 
 
 def gradq_gemm_candidate(problem: GemmProblem) -> Callable[[], torch.Tensor] | None:
-    """THE SLOT for gradq's own fused INT8 GEMM (issue 3): `torch.ops.gradq.int8_scaled_mm(a,
+    """THE SLOT for gradq's own fused INT8 GEMM: `torch.ops.gradq.int8_scaled_mm(a,
     b, row_scale [M], col_scale [N], bias, out_dtype)`, the dequantize in its epilogue. Skipped
     while no such op is registered; change the call here if the op's signature changes."""
     ops = torch.ops.gradq

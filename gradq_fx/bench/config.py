@@ -91,7 +91,7 @@ class DeviceDefaults:
 
 
 DEFAULTS = {
-    # DeiT-B at 224 px, batch 128: the reference step (M = 128 * 197 tokens).
+    # DeiT-B at 224 px, batch 128: the step gradq's GPU speed target is set on (M = 128 * 197).
     "cuda": DeviceDefaults("deit_base_patch16_224", None, None, 128, 1000, None, 8192),
     # A tiny ViT (6 blocks, width 64, 50 tokens) so that CPU runs finish.
     "cpu": DeviceDefaults("test_vit", 28, 4, 8, 10, 2048, 512),

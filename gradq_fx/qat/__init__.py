@@ -1,4 +1,4 @@
-"""Low-bit quantization-aware training: the Quantization Variation remedies (method.md).
+"""Low-bit quantization-aware training: the Quantization Variation remedies (docs/method.md).
 
 - `attach_lsq`, `initialise_lsq`: LSQ quantizers on a model's Linears (`LSQLinear`), which
   gradq's rewrite recognises (the forward GEMM is not quantized twice);

@@ -6,7 +6,7 @@ optimizer parameters stay those of the Linear) whose forward is
 
     F.linear(input_quantizer(x), weight_quantizer(weight), bias)
 
-with learnable step sizes (method.md, "Quantization Variation components"):
+with learnable step sizes (docs/method.md, "Low-bit QAT"):
 - weights: one per-tensor signed quantizer at the config's weight bits, step size MSE-fitted
   when attached, gradient scale 1/sqrt(Qp * sum|w|);
 - inputs: one per-tensor quantizer at the config's activation bits, step size 2 mean|x| /

@@ -1,10 +1,10 @@
 """The oscillation-aware bin regularizer, its weight schedule, and an oscillation measure.
 
-Quantization Variation (method.md): weights near a rounding boundary flip between two levels
-from step to step, and low-bit training suffers for it. The regularizer pulls every weight
-towards its level and every bin's weights together; its weight lambda is 0 for the first
-quarter of training and then rises on a cosine to 0.01. The tracker measures what it fights:
-the fraction of weights whose integer code changed since the previous step.
+Quantization Variation (docs/method.md): weights near a rounding boundary flip between two
+levels from step to step, and low-bit training suffers for it. The regularizer pulls every
+weight towards its level and every bin's weights together; its weight lambda is 0 for the
+first quarter of training and then rises on a cosine to 0.01. The tracker measures what it
+fights: the fraction of weights whose integer code changed since the previous step.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from torch import nn
 
 from gradq_fx import quantizer
 
-OBR_PEAK = 0.01  # lambda at the end of training (method.md)
-OBR_START = 0.25  # the fraction of training with lambda = 0 (method.md)
+OBR_PEAK = 0.01  # lambda at the end of training (docs/method.md)
+OBR_START = 0.25  # the fraction of training with lambda = 0 (docs/method.md)
 
 
 def bin_regularizer(

@@ -15,7 +15,7 @@ Precisions:
 int8-naive records no statistics (`stats=False`): nothing would read them.
 `--option KEY=VALUE` options apply last, over the precision's own.
 
-Low-bit QAT (Quantization Variation, method.md), with any precision:
+Low-bit QAT (Quantization Variation; docs/method.md), with any precision:
 - `--weight-bits`, `--activation-bits` (2 to 8, default 8): the forward GEMMs' operand widths.
   Alone (INT8 precisions) they make gradq fake-quantize the forward GEMMs with its min-max
   quantizers below 8 bits;

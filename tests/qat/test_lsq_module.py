@@ -43,7 +43,7 @@ def test_weight_quantizer_initialises_and_follows_the_formula():
     grad_w, grad_s = torch.autograd.grad(out, [w, q.scale], upstream)
 
     qp = 3
-    g = 1 / math.sqrt(qp * w.detach().double().abs().sum().item())  # method.md's weight g
+    g = 1 / math.sqrt(qp * w.detach().double().abs().sum().item())  # docs/method.md's weight g
     w64 = w.detach().double().requires_grad_()
     s64 = q.scale.detach().double().requires_grad_()
     expected = reference(w64, s64, None, 3, True, g)
@@ -93,7 +93,7 @@ def test_unsigned_activation_quantizer_with_offset():
     upstream = torch.randn(x.shape, generator=gen)
     grads = torch.autograd.grad(out, [x, q.scale, q.offset], upstream)
 
-    g = 1 / math.sqrt(x.numel() * 3)  # method.md's activation g, Qp = 2^2 - 1
+    g = 1 / math.sqrt(x.numel() * 3)  # docs/method.md's activation g, Qp = 2^2 - 1
     leaves = [t.detach().double().requires_grad_() for t in (x, q.scale, q.offset)]
     expected = reference(*leaves, 2, False, g)
     torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=1e-7)
