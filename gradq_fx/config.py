@@ -72,6 +72,14 @@ class Role(enum.Enum):
     WGRAD = "wgrad"  # gradient of a weight
 
 
+class Operand(enum.Enum):
+    """What a GEMM operand is; gradq's GEMM ops name their two operands by these letters."""
+
+    WEIGHT = "W"
+    ACTIVATION = "A"
+    GRADIENT = "G"
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantSpec:
     """How one GEMM operand is quantized: symmetric, integers in [-qmax, qmax].

@@ -24,10 +24,10 @@ from __future__ import annotations
 import torch
 
 from gradq_fx import quantizer
-from gradq_fx.config import Role
+from gradq_fx.config import Operand, Role
 from gradq_fx.lowerings import reference
 
-OPERAND_KINDS = frozenset("WAG")
+OPERAND_KINDS = frozenset(operand.value for operand in Operand)
 
 
 @torch.library.custom_op("gradq::mm", mutates_args=())

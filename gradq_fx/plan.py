@@ -27,7 +27,15 @@ from torch import fx
 from torch.fx.operator_schemas import normalize_function
 
 from gradq_fx import fallback, lowerings, quantizer
-from gradq_fx.config import Clipping, Fallback, Lowering, Role, decode_operand, operand_bits
+from gradq_fx.config import (
+    Clipping,
+    Fallback,
+    Lowering,
+    Operand,
+    Role,
+    decode_operand,
+    operand_bits,
+)
 
 KEY = "gradq_plan"
 GEMM_OPS = (torch.ops.gradq.mm.default, torch.ops.gradq.conv2d.default)
@@ -43,12 +51,6 @@ class GemmKind(enum.Enum):
     FAKE_QUANT = "fake-quant"  # an operand below 8 bits: quantize, dequantize, float GEMM
     LSQ = "LSQ fake-quant"  # LSQ quantizers quantized the operands upstream: float GEMM
     FALLBACK = "float fallback"  # INT8 measured slower than float on this device
-
-
-class Operand(enum.Enum):
-    WEIGHT = "W"
-    ACTIVATION = "A"
-    GRADIENT = "G"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,13 +103,12 @@ def run(
     """
     plans: list[GemmPlan | StatsPlan] = []
     wgrads: dict[str, GemmPlan] = {}
-    for target in GEMM_OPS:
-        for node in graph.find_nodes(op="call_function", target=target):
-            node.meta[KEY] = gemm_plan(node, lowering, rule)
-            plans.append(node.meta[KEY])
-            if node.meta[KEY].role is Role.WGRAD:
-                wgrads[node.meta[KEY].module] = node.meta[KEY]
-    for node in graph.find_nodes(op="call_function", target=STATS_OP):
+    for node in _nodes(graph, GEMM_OPS):
+        node.meta[KEY] = gemm_plan(node, lowering, rule)
+        plans.append(node.meta[KEY])
+        if node.meta[KEY].role is Role.WGRAD:
+            wgrads[node.meta[KEY].module] = node.meta[KEY]
+    for node in _nodes(graph, (STATS_OP,)):
         arguments = arguments_of(node)
         wgrad = wgrads.get(arguments["module"])
         exact = wgrad is not None and wgrad.kind is GemmKind.FALLBACK
@@ -166,10 +167,12 @@ def arguments_of(node: fx.Node) -> dict:
 def ensure(graph: fx.Graph, lowering: Lowering, rule: Fallback) -> None:
     """Plan `graph` unless every gradq op of it has a plan already (the lowering pass plans
     a graph before the backend's report reads it)."""
-    targets = (*GEMM_OPS, STATS_OP)
-    nodes = [n for t in targets for n in graph.find_nodes(op="call_function", target=t)]
-    if not all(KEY in node.meta for node in nodes):
+    if not all(KEY in node.meta for node in _nodes(graph, (*GEMM_OPS, STATS_OP))):
         run(graph, lowering, rule)
+
+
+def _nodes(graph: fx.Graph, targets) -> list[fx.Node]:
+    return [n for t in targets for n in graph.find_nodes(op="call_function", target=t)]
 
 
 def of(node: fx.Node) -> GemmPlan | StatsPlan:

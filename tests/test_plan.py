@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from gradq_fx import plan
-from gradq_fx.config import Fallback, GradQConfig, Lowering, Role
-from gradq_fx.plan import GemmKind, Operand
+from gradq_fx.config import Fallback, GradQConfig, Lowering, Operand, Role
+from gradq_fx.plan import GemmKind
 from gradq_fx.report import capture
 
 A, W, G = Operand.ACTIVATION, Operand.WEIGHT, Operand.GRADIENT
