@@ -53,6 +53,7 @@ import gradq_fx
 from gradq_fx import kernels, lowerings, plan
 from gradq_fx.config import Fallback, Lowering, QuantSpec
 from gradq_fx.lowerings import reference
+from gradq_fx.passes import timed
 
 _GEMM_ARGS = ("a", "b", "bias", "a_spec", "b_spec", "role", "operands", "module")
 _CONV_ARGS = ("a", "b", "bias", "stride", "padding", "size", *_GEMM_ARGS[3:])
@@ -165,10 +166,11 @@ class LowerPass(CustomGraphPass):
         self.observe = observe
 
     def __call__(self, graph: fx.Graph) -> None:
-        plan.run(graph, self.lowering, self.rule)
-        if self.observe is not None:
-            self.observe(graph.owning_module)
-        apply(graph)
+        with timed("lower"):
+            plan.run(graph, self.lowering, self.rule)
+            if self.observe is not None:
+                self.observe(graph.owning_module)
+            apply(graph)
 
     def uuid(self) -> str:
         return f"{source_hash()}:{self.lowering.value}:{self.rule.value}"

@@ -46,7 +46,7 @@ from gradq_fx.bench.chart import draw_bars, kernel_bars, step_bars
 from gradq_fx.bench.config import BenchConfig, add_arguments, resolve_device
 from gradq_fx.bench.kernels import KernelReport, kernel_tables, run_kernels
 from gradq_fx.bench.results import device_info, say, write_json
-from gradq_fx.bench.step import StepReport, run_steps, step_table
+from gradq_fx.bench.step import StepReport, phase_table, run_steps, step_table
 
 __all__ = ["BenchConfig", "KernelReport", "StepReport", "add_arguments", "run"]
 
@@ -68,6 +68,10 @@ def run(config: BenchConfig, command: str = "") -> int:
     else:
         report = run_steps(config, device, command)
         print(step_table(report))
+        phases = phase_table(report)
+        if phases is not None:
+            print("\nWhere the first step went (torch's compile metrics, summed over graphs):")
+            print(phases)
         json_path, png_path = out / "bench.json", out / "bench.png"
         title = f"training step: {subject}"
         draw_bars(

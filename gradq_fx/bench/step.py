@@ -35,6 +35,20 @@ from gradq_fx.train.model import GradQBackend, create_model
 
 # Every setting's speed-up is reported against each of these that ran.
 BASELINES = ("fp32-eager", "bf16-eager", "bf16-compile")
+# Where a compiled setting's first step goes: torch's compile metrics (seconds, summed over
+# every graph compiled, forward and backward) and gradq's own stages (`passes.timed`). The
+# rows nest: Dynamo's total holds the forward compile, whose Inductor part and AOTAutograd
+# part are rows too; the backward graph compiles at the first backward, outside Dynamo.
+PHASES = {
+    "dynamo: trace, rewrite, forward compile": "_compile.compile_inner",
+    "gradq: annotate, rewrite": "gradq.prepare",
+    "gradq: plan, lower": "gradq.lower",
+    "inductor: forward and backward graphs": "compile_fx_inner",
+    "inductor: backward graphs": "compile_fx.<locals>.bw_compiler",
+    "inductor: lowering to its IR": "GraphLowering.run",
+    "inductor: code generation": "GraphLowering.codegen",
+    "inductor: loading generated code (C++ compile)": "PyCodeCache.load_by_key_path",
+}
 
 
 def speedups(medians: Mapping[str, float]) -> dict[str, dict[str, float]]:
@@ -63,6 +77,9 @@ class SettingResult:
     # gradq on CUDA: each GEMM signature the fallback rule timed while compiling
     # (`gradq_fx.fallback.Measurement` as a dict); below 1, that GEMM runs in float.
     gemm_speedups: tuple[dict[str, Any], ...] = ()
+    # Compiled settings: seconds each of torch's compile metrics grew by in the first step
+    # (`compile_metrics`; `PHASES` names the ones the table shows).
+    compile_phases: dict[str, float] = dataclasses.field(default_factory=dict)
     error: str | None = None
 
     @classmethod
@@ -186,7 +203,9 @@ def run_setting(
         last_loss[:] = [step()]
 
     say(f"{setting.name}: first step" + (" (compiling)..." if setting.compiler else "..."))
+    before = compile_metrics()
     _, first_ms = clock.wall_ms(timed_step)
+    phases = {k: v - before.get(k, 0.0) for k, v in compile_metrics().items()}
     if counter is not None and counter.graphs == 0:
         raise RuntimeError("gradq's backend never ran: the model trained in float")
     for _ in range(config.warmup - 1):
@@ -213,7 +232,15 @@ def run_setting(
         final_loss=last_loss[0].item(),
         rewritten_ops=counter.rewritten if counter is not None else None,
         gemm_speedups=timed_gemms,
+        compile_phases={k: v for k, v in phases.items() if v > 0} if setting.compiler else {},
     )
+
+
+def compile_metrics() -> dict[str, float]:
+    """Seconds spent so far in each of torch's timed compile stages (`dynamo_timed`)."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    return {key: sum(values) for key, values in compilation_time_metrics.items()}
 
 
 @contextlib.contextmanager
@@ -304,3 +331,15 @@ def step_table(report: StepReport) -> str:
             ]
         )
     return tabulate(rows, headers=headers, floatfmt=".2f", missingval="n/a")
+
+
+def phase_table(report: StepReport) -> str | None:
+    """Where each compiled setting's first step went, in seconds (`PHASES`); None when no
+    setting compiled."""
+    compiled = {name: r for name, r in report.results.items() if r.compile_phases}
+    if not compiled:
+        return None
+    rows = [["first step (wall)", *(r.first_step_ms / 1e3 for r in compiled.values())]]
+    for label, key in PHASES.items():
+        rows.append([label, *(r.compile_phases.get(key) for r in compiled.values())])
+    return tabulate(rows, headers=["seconds", *compiled], floatfmt=".2f", missingval="-")

@@ -129,6 +129,21 @@ def test_step_smoke_on_cpu(tmp_path, capsys):
         assert result.saved_bytes > 0
         assert (result.compile_s is not None) == (SETTINGS[name].compiler is not None)
     assert report.results["gradq"].rewritten_ops >= 5  # qkv, proj, fc1, fc2, head at least
+    # Where the first step went: gradq's stages among torch's compile metrics, within the
+    # first step's wall time; only compiled settings have phases.
+    assert "Where the first step went" in captured.out
+    for name, result in report.results.items():
+        phases = result.compile_phases
+        if SETTINGS[name].compiler is None:
+            assert phases == {}
+            continue
+        first_s = result.first_step_ms / 1e3
+        assert 0 < phases["compile_fx_inner"] <= first_s
+        gradq_stages = {"gradq.prepare", "gradq.lower"}
+        if SETTINGS[name].compiler == "gradq":
+            assert all(0 < phases[stage] < first_s for stage in gradq_stages)
+        else:
+            assert not gradq_stages & set(phases)
     assert "peak_memory" in report.notes
     assert report.model["parameters"] > 0 and report.timing["iters"] == 2
     with Image.open(tmp_path / "bench.png") as image:
