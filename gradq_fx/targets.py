@@ -23,8 +23,10 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
 from gradq_fx import ops  # noqa: F401  (registers torch.ops.gradq.*)
-from gradq_fx.config import Role
+from gradq_fx.config import Operand, Role
 from gradq_fx.kernels.int_mm import conv2d_output_size
+
+_W, _A, _G = (kind.value for kind in (Operand.WEIGHT, Operand.ACTIVATION, Operand.GRADIENT))
 
 
 class GemmSite(NamedTuple):
@@ -38,19 +40,19 @@ class GemmSite(NamedTuple):
     forward: tuple[str, str]  # a @ b
     grad_left: tuple[str, str]  # a's gradient = grad_out @ b^T
     grad_right: tuple[str, str]  # b's gradient = a^T @ grad_out
-    right: str  # what b is: "W" (a weight: its gradient is a wgrad) or "A" (an activation)
+    right: str  # what b is: an `Operand` letter, "W" (a weight: its gradient is a wgrad) or "A"
 
     @property
     def right_role(self) -> Role:
         """The role of the GEMM that computes b's gradient."""
-        return Role.WGRAD if self.right == "W" else Role.DGRAD
+        return Role.WGRAD if self.right == _W else Role.DGRAD
 
     def gemms(self) -> dict[str, tuple[tuple[str, str], Role, str]]:
         """Each GEMM's (specs, role, operand kinds), by what it computes."""
         return {
-            "forward": (self.forward, Role.FORWARD, "A" + self.right),
-            "grad_left": (self.grad_left, Role.DGRAD, "G" + self.right),
-            "grad_right": (self.grad_right, self.right_role, "AG"),
+            "forward": (self.forward, Role.FORWARD, _A + self.right),
+            "grad_left": (self.grad_left, Role.DGRAD, _G + self.right),
+            "grad_right": (self.grad_right, self.right_role, _A + _G),
         }
 
 

@@ -33,7 +33,7 @@ from torch import fx
 from torch._dynamo.source import AttrSource
 
 from gradq_fx import stats, targets
-from gradq_fx.config import GradQConfig, QuantSpec, Role, lsq_operand
+from gradq_fx.config import GradQConfig, Operand, QuantSpec, Role, lsq_operand
 from gradq_fx.passes.annotate import (
     Decision,
     Kind,
@@ -82,7 +82,7 @@ def site_for(
         forward=specs(Role.FORWARD, left, right),
         grad_left=specs(Role.DGRAD, grad, right8),
         grad_right=("", ""),
-        right="W" if right_is_weight else "A",
+        right=(Operand.WEIGHT if right_is_weight else Operand.ACTIVATION).value,
     )
     return site._replace(grad_right=specs(site.right_role, act8, grad))
 
