@@ -68,6 +68,11 @@ class GemmPlan:
     def runs_in_int8(self) -> bool:
         return self.kind is GemmKind.INT8
 
+    @property
+    def widths(self) -> tuple[int, int]:
+        """Each operand's integer width in bits (0 for a float operand)."""
+        return tuple(operand_bits(spec) if spec else 0 for spec in self.specs)
+
     def describe(self) -> str:
         """The report's name for it: the lowering of an INT8 GEMM ("triton"), else the kind,
         with the operands' widths in the order W, A, G for fake quantization ("fake-quant
@@ -79,7 +84,7 @@ class GemmPlan:
         if self.kind is GemmKind.FALLBACK:
             return f"{self.kind.value} (INT8 {self.speedup:.2f}x)"
         if self.kind in (GemmKind.FAKE_QUANT, GemmKind.LSQ):
-            named = zip(self.operands, map(operand_bits, self.specs), strict=True)
+            named = zip(self.operands, self.widths, strict=True)
             order = list(Operand)
             ordered = sorted(named, key=lambda pair: order.index(pair[0]))
             return f"{self.kind.value} " + "".join(f"{o.value}{bits}" for o, bits in ordered)

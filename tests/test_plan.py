@@ -51,6 +51,7 @@ def test_fake_quantized_gemms_are_named_by_their_operands_widths():
     _, plans = planned(options)
     by_role = gemms(plans)
     assert all(p.kind is GemmKind.FAKE_QUANT for p in by_role.values())
+    assert by_role[Role.FORWARD].widths == (4, 4) and by_role[Role.WGRAD].widths == (8, 4)
     # The other operand of a backward GEMM is re-quantized at 8 bits.
     assert [by_role[r].describe() for r in Role] == [
         "fake-quant W4A4",
@@ -64,6 +65,7 @@ def test_a_role_the_config_keeps_float_is_planned_float():
     by_role = gemms(plans)
     assert by_role[Role.WGRAD].kind is GemmKind.FLOAT
     assert by_role[Role.WGRAD].describe() == "float matmul"
+    assert by_role[Role.WGRAD].widths == (0, 0)
     assert by_role[Role.FORWARD].kind is GemmKind.INT8
 
 
