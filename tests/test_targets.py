@@ -10,14 +10,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradq_fx  # noqa: F401  (registers torch.ops.gradq.*)
 from gradq_fx import quantizer, targets
-from gradq_fx.config import Clipping, Granularity, QuantSpec, Rounding
+from gradq_fx.config import Clipping, QuantSpec
+from tests.test_ops import ACT, ACT_PT, GRAD, GRAD_STOCHASTIC, PT, WEIGHT, sqnr64
 
-ACT = QuantSpec()  # 8 bits, per_row, nearest, minmax
-WEIGHT = QuantSpec()
-GRAD = QuantSpec(clipping=Clipping.IQR)
-GRAD_STOCHASTIC = QuantSpec(rounding=Rounding.STOCHASTIC, clipping=Clipping.IQR)
-PT = Granularity.PER_TENSOR
-ACT_PT = QuantSpec(granularity=PT)
 GRAD_PT = QuantSpec(granularity=PT, clipping=Clipping.IQR)
 FLOAT = ("", "")
 
@@ -42,10 +37,6 @@ def matmul_site(act=ACT, grad=GRAD, **override) -> targets.GemmSite:
     }
     specs.update(override)
     return targets.GemmSite("blocks.0.attn", right="A", **specs)
-
-
-def sqnr64(reference: torch.Tensor, approximation: torch.Tensor) -> float:
-    return quantizer.sqnr_db(reference, approximation)
 
 
 class RecordGemms(TorchDispatchMode):

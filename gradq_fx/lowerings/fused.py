@@ -10,8 +10,8 @@ GEMM runs its reference: the reference's bits.
 
 from __future__ import annotations
 
-from gradq_fx import quantizer
 from gradq_fx.config import Lowering
+from gradq_fx.lowerings.reference import REFERENCE
 from gradq_fx.lowerings.triton import Triton, kernel_clip
 
 
@@ -19,8 +19,7 @@ class Fused(Triton):
     kind = Lowering.FUSED
 
     def quantize_rows(self, rows, spec):
-        q, scale = quantizer.quantize(rows, spec, dim=-1, clip=kernel_clip(rows, spec))
-        return q, scale.expand(rows.shape[0], 1).reshape(-1)  # per_tensor: one scale, repeated
+        return REFERENCE.quantize_rows(rows, spec, clip=kernel_clip(rows, spec))
 
 
 FUSED = Fused()

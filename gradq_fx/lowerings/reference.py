@@ -23,8 +23,10 @@ from gradq_fx.lowerings.base import GemmLowering
 class Reference(GemmLowering):
     kind = Lowering.REFERENCE
 
-    def quantize_rows(self, rows, spec):
-        q, scale = quantizer.quantize(rows, spec, dim=-1)
+    def quantize_rows(self, rows, spec, clip=None):
+        """`quantizer.quantize` along the rows; clip: each row's clipping value where another
+        kernel computed it (as `quantizer.quantize` takes it)."""
+        q, scale = quantizer.quantize(rows, spec, dim=-1, clip=clip)
         return q, scale.expand(rows.shape[0], 1).reshape(-1)  # per_tensor: one scale, repeated
 
     def mm(self, a, b, bias, a_spec, b_spec):
