@@ -44,7 +44,9 @@ def test_int8_gemm_2d_exact(m, k, n):
     assert_exact(int8_gemm(a, b), a, b)
 
 
-@pytest.mark.parametrize(("m", "k", "n"), [(1, 7, 3), (17, 13, 5), (197, 64, 37), (24, 1031, 9)])
+@pytest.mark.parametrize(
+    ("m", "k", "n"), [(1, 7, 3), (17, 13, 5), (197, 64, 37), (5, 1024, 3), (24, 1031, 9)]
+)
 @pytest.mark.parametrize(("va", "vb"), [(127, 127), (-127, 127), (-128, -128), (-128, 127)])
 def test_int8_gemm_extremes(m, k, n, va, vb):
     a = torch.full((m, k), va, dtype=torch.int8)

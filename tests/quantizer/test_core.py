@@ -260,6 +260,53 @@ def test_estimate_quartiles_close_to_exact(make, seed):
     assert err3.max() <= 0.025
 
 
+def _quartiles_by_sorting(rows: torch.Tensor):
+    """What `estimate_quartiles` defines, found another way: each row's bins (its formula)
+    sorted, the ceil(C/4)-th and ceil(3C/4)-th smallest magnitudes being the bins at those
+    ranks from the top (bins count down in magnitude)."""
+    mag = rows.abs()
+    amax = mag.amax(dim=1, keepdim=True)
+    safe_amax = torch.where(amax > 0, amax, torch.ones_like(amax))
+    octaves_below = -torch.log2(mag / safe_amax) * quantizer.IQR_BINS_PER_OCTAVE
+    last = quantizer.IQR_NUM_BINS - 1
+    bins = torch.nan_to_num(octaves_below, posinf=last).floor().clamp(0, last)
+    ranked = bins.sort(dim=1, descending=True).values
+    count = rows.shape[1]
+    out = []
+    for rank in (-(-count // 4), -(-3 * count // 4)):  # ceil(C/4), ceil(3C/4)
+        b = ranked[:, rank - 1 : rank]
+        middle = torch.exp2(-(b + 0.5) / quantizer.IQR_BINS_PER_OCTAVE) * amax
+        out.append(torch.where(b == last, 0.0, middle).squeeze(1))
+    return out
+
+
+def _rows_for_quartiles(columns: int, seed: int) -> torch.Tensor:
+    """Rows of every kind: Gaussian at scales 1e-6 to 1e6, heavy tails, half zeros, all
+    zeros, outliers, few distinct integers (ties), one nonzero value."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(9, columns, generator=gen)
+    x[0] *= 1e-6
+    x[1] *= 1e6
+    x[2] *= torch.rand(columns, generator=gen) ** 12
+    x[3][torch.rand(columns, generator=gen) < 0.5] = 0
+    x[4] = 0
+    x[5][: max(1, columns // 50)] = 1e4
+    x[6] = torch.randint(-3, 4, (columns,), generator=gen).float()
+    x[7] = 0
+    x[7, columns // 2] = -2.5
+    x[8] *= torch.exp2(torch.randint(-30, 1, (columns,), generator=gen).float())
+    return x
+
+
+@pytest.mark.parametrize("columns", [1, 2, 5, 13, 40, 101, 197, 768, 4099])
+def test_estimate_quartiles_is_the_bin_at_the_quartile_rank(columns):
+    # Exact: the histograms only find the same bin as a sort of each row's bins.
+    rows = _rows_for_quartiles(columns, seed=columns)
+    expected = _quartiles_by_sorting(rows)
+    for got, want in zip(quantizer.estimate_quartiles(rows), expected, strict=True):
+        assert torch.equal(got, want)
+
+
 def test_estimate_quartiles_zero_rows():
     torch.manual_seed(0)
     rows = torch.randn(4, 4096)
