@@ -59,8 +59,8 @@ def chunked_float32_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if k <= EXACT_FLOAT32_CHUNK:  # one chunk: a plain GEMM (a guard on K under dynamic shapes)
         return torch.mm(a.float(), b.float()).to(torch.int32)
     chunks = (k + EXACT_FLOAT32_CHUNK - 1) // EXACT_FLOAT32_CHUNK
-    # Equal chunks of at most 1024: K = 64 stays one chunk of 64 (not 1024, mostly zeros),
-    # and the zero padding is under one element per chunk.
+    # Equal chunks of at most 1024: K = 1100 is two chunks of 550 (not 1024 and 76), and the
+    # zero padding is under one element per chunk.
     chunk = (k + chunks - 1) // chunks
     padding = chunks * chunk - k
     a_chunks = torch.nn.functional.pad(a.float(), (0, padding))

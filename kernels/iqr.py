@@ -14,10 +14,9 @@ quantizer stays the one home of the math; this file reproduces it):
 
 Under Inductor the reference counts each row into histograms in memory (its 40 octaves, then
 the 16 bins of each quartile's octave: a scatter and a cumulative sum each) and scores the 8
-fences as a [R, 8, C] reduction. Here each program
-owns one row and sweeps it three times (absmax; histogram, with `tl.histogram` in registers;
-the 8 fences side by side), so the row is read from memory three times and nothing of size
-R x 640 or R x 8 x C is written.
+fences as a [R, 8, C] reduction. Here each program owns one row and sweeps it three times
+(absmax; histogram, with `tl.histogram` in registers; the 8 fences side by side), so the row
+is read from memory three times and nothing of size R x 640 or R x 8 x C is written.
 
 Numerical choices, and how the kernel's clip compares with the reference's:
 - Order statistics instead of a cumulative search: the bin of the k-th smallest |x| is the

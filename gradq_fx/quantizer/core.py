@@ -133,7 +133,8 @@ def estimate_quartiles(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     safe_amax = torch.where(amax > 0, amax, torch.ones_like(amax))
     octaves_below = -torch.log2(mag / safe_amax) * IQR_BINS_PER_OCTAVE
     bins = torch.nan_to_num(octaves_below, posinf=IQR_NUM_BINS - 1).floor()
-    # The bins counted from the smallest magnitudes (0: the last bin), as the ranks count.
+    # rank: the bin numbered from the smallest magnitudes up (0: the last bin), the order in
+    # which a quartile's rank counts values.
     rank = (IQR_NUM_BINS - 1) - bins.clamp(0, IQR_NUM_BINS - 1).long()
     # Two small histograms instead of one of 640 bins, whose cumulative count costs R x 640
     # whatever C (16 times the data of a 40-token wgrad operand): the octaves first, then the
