@@ -12,11 +12,12 @@ quantizer stays the one home of the math; this file reproduces it):
     clip    = the first fence whose nearest-rounded quantization of the row has the best
               cosine with it, within 1e-6
 
-Under Inductor the reference counts each row into histograms in memory (its 40 octaves, then
-the 16 bins of each quartile's octave: a scatter and a cumulative sum each) and scores the 8
-fences as a [R, 8, C] reduction. Here each program owns one row and sweeps it three times
+Under Inductor the reference counts each row by compares (against its 40 octaves' ends, then
+the 16 bins' ends of each quartile's octave: two fused reductions over the row) and scores the
+8 fences as a [R, 8, C] reduction. Here each program owns one row and sweeps it three times
 (absmax; histogram, with `tl.histogram` in registers; the 8 fences side by side), so the row
-is read from memory three times and nothing of size R x 640 or R x 8 x C is written.
+is read from memory three times (the reference's compares sweep it once per octave and once
+per bin).
 
 Numerical choices, and how the kernel's clip compares with the reference's:
 - Order statistics instead of a cumulative search: the bin of the k-th smallest |x| is the

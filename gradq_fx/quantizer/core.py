@@ -131,35 +131,37 @@ def estimate_quartiles(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     mag = rows.abs()
     amax = mag.amax(dim=1, keepdim=True)
     safe_amax = torch.where(amax > 0, amax, torch.ones_like(amax))
-    octaves_below = -torch.log2(mag / safe_amax) * IQR_BINS_PER_OCTAVE
-    bins = torch.nan_to_num(octaves_below, posinf=IQR_NUM_BINS - 1).floor()
     # rank: the bin numbered from the smallest magnitudes up (0: the last bin), the order in
-    # which a quartile's rank counts values.
-    rank = (IQR_NUM_BINS - 1) - bins.clamp(0, IQR_NUM_BINS - 1).long()
-    # Two small histograms instead of one of 640 bins, whose cumulative count costs R x 640
-    # whatever C (16 times the data of a 40-token wgrad operand): the octaves first, then the
-    # sixteenths of the octave holding the quartile. The same bin, found in fewer steps.
-    octave = rank // IQR_BINS_PER_OCTAVE
-    ones = torch.ones_like(mag)
-    up_to_octave = mag.new_zeros(rows.shape[0], IQR_OCTAVES).scatter_add(1, octave, ones).cumsum(1)
+    # which a quartile's rank counts values. (N - 1) - floor(-16 log2 r) = (N - 1) + ceil(16
+    # log2 r), exact in float32: zeros (log2 = -inf) rank 0, a NaN rank N - 1 (the compare,
+    # unlike a clamp, sends it there).
+    top = IQR_NUM_BINS - 1
+    raw = (top + torch.ceil(torch.log2(mag / safe_amax) * IQR_BINS_PER_OCTAVE)).clamp_min(0)
+    rank = torch.where(raw < top, raw, float(top))
+    # Both quartiles at once, each counted in two levels: the octaves first, then the
+    # sixteenths of the octave holding the quartile. Counts are compares summed over the row
+    # (one fused reduction per level under Inductor, no scatter, no running sum); float32
+    # counts are exact integers, and count >= p C is count >= ceil(p C). Run eagerly, the
+    # compares hold 72 booleans per value for a moment.
     n = rows.shape[1]  # stays symbolic under dynamic shapes (float() would specialise it)
-
-    def quantile(p: float) -> torch.Tensor:
-        # Counts are float32, exact integers: count >= p n is count >= ceil(p n).
-        target = p * n
-        j = (up_to_octave < target).sum(dim=1, keepdim=True)  # the first octave reaching it
-        before = torch.where(j > 0, up_to_octave.gather(1, (j - 1).clamp_min(0)), 0.0)
-        # Values of other octaves go to a 17th bin, which the count leaves out.
-        sixteenth = torch.where(octave == j, rank % IQR_BINS_PER_OCTAVE, IQR_BINS_PER_OCTAVE)
-        per_sixteenth = mag.new_zeros(rows.shape[0], IQR_BINS_PER_OCTAVE + 1)
-        per_sixteenth = per_sixteenth.scatter_add(1, sixteenth, ones)
-        up_to = before + per_sixteenth[:, :IQR_BINS_PER_OCTAVE].cumsum(1)
-        reached = j * IQR_BINS_PER_OCTAVE + (up_to < target).sum(dim=1, keepdim=True)
-        bin_index = (IQR_NUM_BINS - 1) - reached
-        middle = torch.exp2(-(bin_index.float() + 0.5) / IQR_BINS_PER_OCTAVE)
-        return torch.where(reached == 0, 0.0, middle * amax).squeeze(1)
-
-    return quantile(0.25), quantile(0.75)
+    targets = torch.arange(1, 4, 2, device=rows.device, dtype=torch.float32) * n / 4  # C/4, 3C/4
+    octave_ends = torch.arange(
+        IQR_BINS_PER_OCTAVE, IQR_NUM_BINS + 1, IQR_BINS_PER_OCTAVE, device=rows.device
+    ).float()
+    up_to_octave = (rank[:, None, :] < octave_ends[:, None]).sum(2, dtype=torch.float32)  # [R, 40]
+    j = (up_to_octave[:, None, :] < targets[:, None]).sum(2)  # [R, 2]: first octave reaching it
+    sixteenths = torch.arange(IQR_BINS_PER_OCTAVE, device=rows.device).float()
+    # Values of lower octaves pass every compare, so these count from the smallest up.
+    bin_ends = j[:, :, None].float() * IQR_BINS_PER_OCTAVE + sixteenths  # [R, 2, 16]
+    up_to = (rank[:, None, None, :] <= bin_ends[..., None]).sum(3, dtype=torch.float32)
+    reached = j * IQR_BINS_PER_OCTAVE + (up_to < targets[:, None]).sum(2)  # [R, 2]
+    quartiles = []
+    # One [R, 1] column at a time: exp2 of a wider tensor may take another vectorised path,
+    # a last-bit difference.
+    for r in reached.split(1, dim=1):
+        middle = torch.exp2(-((top - r).float() + 0.5) / IQR_BINS_PER_OCTAVE)
+        quartiles.append(torch.where(r == 0, 0.0, middle * amax).squeeze(1))
+    return quartiles[0], quartiles[1]
 
 
 def clip_value(rows: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
