@@ -80,7 +80,7 @@ class _QuantizedMatmul(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_a = _mm(grad_out, b.mT, None, site, "grad_left")
         if ctx.needs_input_grad[1]:
-            grad_b = _mm(a.mT, grad_out, None, site, "grad_right")
+            grad_b = _in_layout_of(b, _mm(a.mT, grad_out, None, site, "grad_right"))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         if ctx.has_probe and ctx.needs_input_grad[4]:
@@ -90,6 +90,16 @@ class _QuantizedMatmul(torch.autograd.Function):
                 grad_out, site.grad_right[1], -2, site.module
             )
         return grad_a, grad_b, grad_bias, None, grad_probe
+
+
+def _in_layout_of(b: torch.Tensor, grad_b: torch.Tensor) -> torch.Tensor:
+    """grad_b laid out as b, where b is a transposed matrix (a Linear's weight.t()): its
+    gradient then reaches the weight row-major, as the weight is. Written in another layout,
+    autograd would copy every weight gradient into the weight's layout after backward (a
+    transposing copy per layer and step); here the GEMM's epilogue writes it so."""
+    if b.dim() == 2 and not b.is_contiguous() and b.mT.is_contiguous():
+        return grad_b.mT.contiguous().mT
+    return grad_b
 
 
 def _autocast(*tensors):

@@ -162,6 +162,18 @@ def test_bf16_autocast():
     assert min_weight_sqnr(ref_dw, dw) > 25
 
 
+@pytest.mark.parametrize("backend", ["gradq_eager", pytest.param("gradq", marks=pytest.mark.slow)])
+def test_weight_gradients_arrive_in_the_weights_layout(backend):
+    # A gradient in another layout than its weight's makes autograd copy it into the weight's
+    # after backward: a transposing copy per layer and step.
+    model = mlp()
+    layouts = {}
+    for name, p in model.named_parameters():
+        p.register_hook(lambda g, name=name: layouts.update({name: g.stride()}))
+    step(model, torch.randn(3, 197, 37), backend, fullgraph=True)
+    assert layouts == {name: p.stride() for name, p in model.named_parameters()}
+
+
 def test_disabled_roles_compute_in_float():
     model, x = mlp(), torch.randn(197, 37)
     ref_out, ref_dx, ref_dw = step(model, x)
