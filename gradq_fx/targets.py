@@ -96,7 +96,7 @@ def _in_layout_of(b: torch.Tensor, grad_b: torch.Tensor) -> torch.Tensor:
     """grad_b laid out as b, where b is a transposed matrix (a Linear's weight.t()): its
     gradient then reaches the weight row-major, as the weight is. Written in another layout,
     autograd would copy every weight gradient into the weight's layout after backward (a
-    transposing copy per layer and step); here the GEMM's epilogue writes it so."""
+    transposing copy per layer and step). Compiled, the GEMM's epilogue writes it so."""
     if b.dim() == 2 and not b.is_contiguous() and b.mT.is_contiguous():
         return grad_b.mT.contiguous().mT
     return grad_b

@@ -132,9 +132,9 @@ def estimate_quartiles(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     amax = mag.amax(dim=1, keepdim=True)
     safe_amax = torch.where(amax > 0, amax, torch.ones_like(amax))
     # rank: the bin numbered from the smallest magnitudes up (0: the last bin), the order in
-    # which a quartile's rank counts values. (N - 1) - floor(-16 log2 r) = (N - 1) + ceil(16
-    # log2 r), exact in float32: zeros (log2 = -inf) rank 0, a NaN rank N - 1 (the compare,
-    # unlike a clamp, sends it there).
+    # which a quartile's rank counts values: top - floor(-16 log2 r) = top + ceil(16 log2 r)
+    # for r = |x| / absmax, exact in float32. Zeros (log2 = -inf) rank 0; a NaN ranks top (the
+    # compare, unlike a clamp, sends it there).
     top = IQR_NUM_BINS - 1
     raw = (top + torch.ceil(torch.log2(mag / safe_amax) * IQR_BINS_PER_OCTAVE)).clamp_min(0)
     rank = torch.where(raw < top, raw, float(top))
