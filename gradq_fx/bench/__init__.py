@@ -10,12 +10,15 @@ step, zero_grad) of one model, in one process, for each setting of `SETTINGS`:
 - `gradq-fused`: the same with `lowering=fused` (Inductor's kernels quantize, fused into their
   producers; gradq's GEMM), so one table compares both kernel lowerings.
 Every setting starts from a copy of the same freshly initialised model and trains on the same
-synthetic batch. The first step (which compiles) is timed on its own; after the warm-up steps,
-`--iters` steps are timed one by one (CUDA events on CUDA, `time.perf_counter` on the CPU) and
-summarised by their median and quartiles. Speed-ups are ratios of medians. Peak memory is
-`torch.cuda.max_memory_allocated` since the setting began (CUDA only); on every device, one
-more step after timing counts the bytes its forward saves for backward (`step.saved_bytes`);
-compile time is the first step's wall time less the median step.
+synthetic batch. Each setting in turn takes its first step (which compiles, timed on its own)
+and its warm-up steps, and stays alive; then, after one untimed round, `--iters` rounds time
+one step of every setting each (the order reversed every other round; CUDA events on CUDA,
+`time.perf_counter` on the CPU), so a drift of the machine's speed lands on all settings
+alike. Samples are summarised by their median and quartiles; speed-ups are ratios of
+medians. Peak memory is `torch.cuda.max_memory_allocated` during the setting's first and
+warm-up steps, less what the settings started before it hold (CUDA only); on every device,
+one more step after timing counts the bytes its forward saves for backward
+(`step.saved_bytes`); compile time is the first step's wall time less the median step.
 
 Kernels mode (`--kernels`) times the GEMMs of the model's linear layers alone. The shapes come
 from one forward pass on the meta device with hooks on every `nn.Linear` (tokens M, in K, out N),

@@ -1,5 +1,6 @@
 """The step benchmark: a whole training step (forward, cross-entropy, backward, AdamW step,
-zero_grad) of one model under each setting of `SETTINGS`, timed step by step; the speed-ups
+zero_grad) of one model under each setting of `SETTINGS`: each setting compiled and warmed
+up in turn, then all timed step by step in rounds, one step of each per round; the speed-ups
 against the float baselines, `StepReport` (bench.json) and its text table.
 """
 
@@ -169,17 +170,34 @@ def saved_bytes(step: Callable[[], Any], exclude: Iterable[torch.Tensor] = ()) -
     return sum(storages.values())
 
 
-def run_setting(
+@dataclasses.dataclass
+class Running:
+    """A setting compiled and warmed up, its model and optimizer alive, waiting for its turns in
+    the timed rounds (`run_steps`)."""
+
+    setting: Setting
+    model: torch.nn.Module
+    step: Callable[[], torch.Tensor]
+    first_step_ms: float
+    compile_phases: dict[str, float]
+    peak_memory_bytes: int | None
+    rewritten_ops: int | None
+    gemm_speedups: tuple[dict[str, Any], ...]
+
+
+def start_setting(
     setting: Setting,
     model0: torch.nn.Module,
     batch: tuple[torch.Tensor, torch.Tensor],
     config: BenchConfig,
     clock: Clock,
-) -> SettingResult:
-    """Train a copy of model0 on `batch` under `setting`; time its steps."""
+) -> Running:
+    """Train a copy of model0 on `batch` under `setting`: its first step (compiling, timed with
+    torch's compile metrics) and the rest of its warm-up. The peak memory counts from here, so
+    the settings started before, still alive, are not counted in it."""
     device = clock.device
-    torch._dynamo.reset()  # a fresh compile per setting, no cache limits carried over
     release(device)
+    resident = torch.cuda.memory_allocated(device) if clock.cuda else 0
     model = copy.deepcopy(model0).to(device).train()
     counter = None
     if setting.compiler == "gradq":
@@ -197,42 +215,85 @@ def run_setting(
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x, y = (t.to(device) for t in batch)
     step = make_step(net, optimizer, x, y, setting.autocast)
-    last_loss = []
-
-    def timed_step() -> None:
-        last_loss[:] = [step()]
 
     say(f"{setting.name}: first step" + (" (compiling)..." if setting.compiler else "..."))
     before = compile_metrics()
-    _, first_ms = clock.wall_ms(timed_step)
+    _, first_ms = clock.wall_ms(step)
     phases = {k: v - before.get(k, 0.0) for k, v in compile_metrics().items()}
     if counter is not None and counter.graphs == 0:
         raise RuntimeError("gradq's backend never ran: the model trained in float")
     for _ in range(config.warmup - 1):
-        timed_step()
+        step()
     first = f"{first_ms / 1e3:.1f} s" if first_ms >= 1e3 else f"{first_ms:.0f} ms"
-    say(f"{setting.name}: first step {first}; timing {config.iters} steps...")
-    samples = clock.time(timed_step, config.iters)
-    ms = Summary.of(samples)
-    say(f"{setting.name}: {ms.median:.2f} ms/step")
-    saved = saved_bytes(timed_step, exclude=model.parameters())  # after timing: no hook there
+    say(f"{setting.name}: first step {first}")
+    peak = torch.cuda.max_memory_allocated(device) - resident if clock.cuda else None
     # Only gradq settings reset and fill the fallback's measurements.
     timed_gemms = ()
     if counter is not None:
         timed_gemms = tuple(dataclasses.asdict(m) for m in fallback.measurements())
+    return Running(
+        setting=setting,
+        model=model,
+        step=step,
+        first_step_ms=first_ms,
+        compile_phases={k: v for k, v in phases.items() if v > 0} if setting.compiler else {},
+        peak_memory_bytes=peak,
+        rewritten_ops=counter.rewritten if counter is not None else None,
+        gemm_speedups=timed_gemms,
+    )
+
+
+def time_in_rounds(
+    running: Mapping[str, Running], iters: int, clock: Clock
+) -> tuple[dict[str, list[float]], dict[str, str]]:
+    """Each setting's step times over `iters` rounds, one step of every setting per round (the
+    order reversed every other round), after one untimed round: a drift of the machine's speed
+    during the run then lands on every setting alike, not on the settings timed last. The
+    untimed round also re-tunes what a later gradq setting's `reset_autotuning` made an
+    earlier one forget. Returns the samples and, for a setting whose step raised, its error
+    (it leaves the rounds)."""
+    samples: dict[str, list[float]] = {name: [] for name in running}
+    errors: dict[str, str] = {}
+    say(f"timing {iters} rounds of {', '.join(running)}...")
+    for round_ in range(-1, iters):
+        order = list(running) if round_ % 2 == 0 else list(reversed(running))
+        for name in order:
+            if name in errors:
+                continue
+            try:
+                if round_ < 0:
+                    running[name].step()
+                else:
+                    samples[name] += clock.time(running[name].step, 1)
+            except Exception as error:  # record it; the other settings go on
+                say(f"{name}: failed while timed")
+                errors[name] = log_failure(error)
+    return samples, errors
+
+
+def finish_setting(running: Running, samples: list[float], config: BenchConfig) -> SettingResult:
+    """A timed setting's result: the summary of its samples, its saved bytes and last loss."""
+    ms = Summary.of(samples)
+    say(f"{running.setting.name}: {ms.median:.2f} ms/step")
+    # After timing (no hook there); the final loss is this step's.
+    last_loss = []
+    saved = saved_bytes(
+        lambda: last_loss.append(running.step()), exclude=running.model.parameters()
+    )
+    compiled = running.setting.compiler is not None
     return SettingResult(
-        setting=setting.name,
+        setting=running.setting.name,
         samples_ms=tuple(samples),
         ms=ms,
         images_per_s=config.batch_size * 1e3 / ms.median,
-        peak_memory_bytes=torch.cuda.max_memory_allocated(device) if clock.cuda else None,
+        peak_memory_bytes=running.peak_memory_bytes,
         saved_bytes=saved,
-        first_step_ms=first_ms,
-        compile_s=(first_ms - ms.median) / 1e3 if setting.compiler else None,
+        first_step_ms=running.first_step_ms,
+        compile_s=(running.first_step_ms - ms.median) / 1e3 if compiled else None,
         final_loss=last_loss[0].item(),
-        rewritten_ops=counter.rewritten if counter is not None else None,
-        gemm_speedups=timed_gemms,
-        compile_phases={k: v for k, v in phases.items() if v > 0} if setting.compiler else {},
+        rewritten_ops=running.rewritten_ops,
+        gemm_speedups=running.gemm_speedups,
+        compile_phases=running.compile_phases,
     )
 
 
@@ -259,14 +320,31 @@ def run_steps(config: BenchConfig, device: torch.device, command: str) -> StepRe
     generator = torch.Generator().manual_seed(config.seed)
     x = torch.randn(config.batch_size, 3, size, size, generator=generator)
     y = torch.randint(config.num_classes, (config.batch_size,), generator=generator)
-    results = {}
-    for name in config.settings:
-        try:
-            with cold_compiles():
-                results[name] = run_setting(SETTINGS[name], model0, (x, y), config, clock)
-        except Exception as error:  # record it; the other settings still run
-            say(f"{name}: failed")
-            results[name] = SettingResult(setting=name, error=log_failure(error))
+    results: dict[str, SettingResult] = {}
+    running: dict[str, Running] = {}
+    torch._dynamo.reset()  # compiles of an earlier run in this process are not reused
+    # Every setting stays compiled until the timed rounds end: each compiled copy of the model
+    # is one more cache entry of the same code for Dynamo.
+    limit = max(torch._dynamo.config.recompile_limit, 4 * len(config.settings))
+    with cold_compiles(), torch._dynamo.config.patch(recompile_limit=limit):
+        for name in config.settings:
+            try:
+                running[name] = start_setting(SETTINGS[name], model0, (x, y), config, clock)
+            except Exception as error:  # record it; the other settings still run
+                say(f"{name}: failed")
+                results[name] = SettingResult(setting=name, error=log_failure(error))
+        samples, errors = time_in_rounds(running, config.iters, clock)
+        for name, run in running.items():
+            if name in errors:
+                results[name] = SettingResult(setting=name, error=errors[name])
+                continue
+            try:
+                results[name] = finish_setting(run, samples[name], config)
+            except Exception as error:
+                say(f"{name}: failed")
+                results[name] = SettingResult(setting=name, error=log_failure(error))
+    results = {name: results[name] for name in config.settings}  # in the settings' order
+    running.clear()
     release(device)
     medians = {name: r.ms.median for name, r in results.items() if r.ms is not None}
     ratios = speedups(medians)
@@ -275,6 +353,8 @@ def run_steps(config: BenchConfig, device: torch.device, command: str) -> StepRe
     }
     notes = {
         "speedup": "baseline's median ms per step / this setting's",
+        "samples_ms": "one step per setting per round, the order reversed every other round, "
+        "after every setting's warm-up and one untimed round of all",
         "compile_s": "compiled settings: wall time of the first step (which compiles) less the "
         "median step; Inductor's caches disabled, gradq's kernels tuned afresh per setting, "
         "Triton's binaries of identical kernels shared with earlier settings",

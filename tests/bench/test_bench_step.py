@@ -17,12 +17,15 @@ from gradq_fx.bench.config import DEFAULT_SETTINGS, SETTINGS
 from gradq_fx.bench.results import SCHEMA, environment, write_json
 from gradq_fx.bench.step import (
     BASELINES,
+    Running,
     SettingResult,
     StepReport,
     saved_bytes,
     speedups,
     step_table,
+    time_in_rounds,
 )
+from gradq_fx.bench.timing import Clock
 from gradq_fx.cli import main
 from tests.bench.conftest import CPU, TINY_MODEL, summary
 
@@ -83,6 +86,43 @@ def test_step_report_round_trips_through_json(tmp_path):
     assert report.failed
     with pytest.raises(ValueError, match="not a gradq-bench/1 step report"):
         StepReport.from_dict({**data, "mode": "kernels"})
+
+
+def _running(name: str, step) -> Running:
+    return Running(SETTINGS[name], torch.nn.Linear(2, 2), step, 1.0, {}, None, None, ())
+
+
+def test_time_in_rounds_alternates_the_settings_and_drops_one_that_fails():
+    calls = []
+
+    def stepper(name, fail_at=None):
+        def step():
+            calls.append(name)
+            if calls.count(name) == fail_at:
+                raise RuntimeError(f"{name} broke")
+
+        return step
+
+    names = ["fp32-eager", "bf16-eager", "gradq"]
+    running = {name: _running(name, stepper(name)) for name in names}
+    samples, errors = time_in_rounds(running, 4, Clock(CPU))
+    assert errors == {}
+    assert {name: len(s) for name, s in samples.items()} == dict.fromkeys(names, 4)
+    assert all(ms >= 0 for s in samples.values() for ms in s)
+    # One untimed round, then 4 timed ones; each round one step of every setting, each
+    # round in the order of the one before reversed.
+    rounds = [calls[i : i + 3] for i in range(0, len(calls), 3)]
+    assert len(rounds) == 5 and all(sorted(r) == sorted(names) for r in rounds)
+    pairs = zip(rounds[:-1], rounds[1:], strict=True)
+    assert all(later == earlier[::-1] for earlier, later in pairs)
+
+    calls.clear()
+    running["bf16-eager"] = _running("bf16-eager", stepper("bf16-eager", fail_at=3))
+    samples, errors = time_in_rounds(running, 4, Clock(CPU))
+    assert list(errors) == ["bf16-eager"] and "bf16-eager broke" in errors["bf16-eager"]
+    assert len(samples["bf16-eager"]) == 1  # the untimed step, one timed, then the failure
+    assert calls.count("bf16-eager") == 3
+    assert len(samples["fp32-eager"]) == len(samples["gradq"]) == 4
 
 
 def test_saved_bytes_counts_what_backward_keeps_once_and_without_parameters():
