@@ -86,7 +86,10 @@ def round_values(x: torch.Tensor, rounding: Rounding) -> torch.Tensor:
 def codes(v: torch.Tensor, rounding: Rounding, qmax: int) -> torch.Tensor:
     """The integer codes clamp(round(v), -qmax, qmax) of v = x / scale, as float32; 0 where v
     is NaN (a slice whose scale is NaN: what it feeds is NaN whatever its codes)."""
-    return torch.nan_to_num(round_values(v, rounding).clamp(-qmax, qmax), nan=0.0)
+    clamped = round_values(v, rounding).clamp(-qmax, qmax)
+    # NaN is the only non-finite value left after the clamp, and the one value unequal to
+    # itself: one compare per value, where nan_to_num also tests for both infinities.
+    return torch.where(clamped == clamped, clamped, 0.0)
 
 
 def keep_nonfinite(scale: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
@@ -188,8 +191,12 @@ def clip_value(rows: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     # Cosine cannot see magnitude: a row with one nonzero value has cosine 1 at any clip,
     # however saturated. Among candidates within float noise of the best, take the largest.
     near_best = cosine >= cosine.amax(dim=1, keepdim=True) - IQR_COSINE_TIE
-    first = near_best.float().argmax(dim=1, keepdim=True)
-    return candidates.gather(1, first).squeeze(1)
+    first = near_best.float().argmax(dim=1, keepdim=True)  # 0 (amax) when no cosine is finite
+    # candidates[first] as a sum that adds exact zeros to it: a reduction, so the compiled
+    # clip is one value per row in memory, where a gather is repeated as an indirect load in
+    # every kernel that reads the clip.
+    chosen = torch.arange(candidates.shape[1], device=rows.device) == first
+    return torch.where(chosen, candidates, 0.0).sum(dim=1)
 
 
 # --------------------------------------------------------------------------- quantize
