@@ -47,8 +47,12 @@ def main() -> int:
         print(f"step {step}: loss {loss.item():.4f} ({time.perf_counter() - start:.1f} s)")
         sys.stdout.flush()
 
-    print()
-    print(report(model, x, config))
+    # The compile's own reports; a graph that came from Inductor's caches has none, and then
+    # the model is traced again (about 10 s here) to make one.
+    found = gradq_fx.compiled_reports() or [report(model, x, config)]
+    for graph_report in found:
+        print()
+        print(graph_report)
     return 0
 
 

@@ -7,7 +7,7 @@ from gradq_fx import (
     ops,  # noqa: F401  (registers torch.ops.gradq.*)
     qat,
 )
-from gradq_fx.backend import compile
+from gradq_fx.backend import compile, compiled_reports
 from gradq_fx.config import (
     Attention,
     Clipping,
@@ -30,6 +30,7 @@ __all__ = [
     "Role",
     "Rounding",
     "compile",
+    "compiled_reports",
     "layer_stats",
     "param_groups",
     "qat",

@@ -35,6 +35,9 @@ log = logging.getLogger("gradq_fx")
 OPTIONS_VARIABLE = "GRADQ_OPTIONS"
 REPORT_VARIABLE = "GRADQ_REPORT"
 
+# The report of every graph `announce` saw compiled, oldest first (`compiled_reports`).
+_REPORTS: list[report.Report] = []
+
 
 def environment_options() -> dict[str, Any]:
     """The options of `GRADQ_OPTIONS` (empty when it is unset), checked: a ValueError names the
@@ -115,6 +118,7 @@ def announce(found: report.Report | None) -> None:
             REPORT_VARIABLE,
         )
         return
+    _REPORTS.append(found)
     mode = "training" if found.training else "inference"
     log.info("gradq: graph %s (%s): %s", name, mode, found.summary())
     warning = found.warning()
@@ -123,6 +127,16 @@ def announce(found: report.Report | None) -> None:
     folder = os.environ.get(REPORT_VARIABLE)
     if folder:
         write_report(found, Path(folder), name)
+
+
+def compiled_reports() -> list[report.Report]:
+    """The reports of the graphs gradq's backends compiled in this process, oldest first:
+    what they rewrote, as they compiled it, with no second trace of the model.
+
+    A graph that came from Inductor's caches has none (gradq's passes did not run for it);
+    `gradq_fx.report.report(model, inputs)` traces the model again to make one.
+    """
+    return list(_REPORTS)
 
 
 def _graph_name() -> str:

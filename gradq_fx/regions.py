@@ -169,12 +169,22 @@ def _rename_report(found: Report, old: str, new: str) -> Report:
 
 
 def _merge(reports: Sequence[Report]) -> Report:
-    """One report of the pieces' reports, in piece order."""
+    """One report of the pieces' reports, its rows in the order the whole graph's report
+    lists them: the forward's in piece order, then the backward's, which runs the pieces
+    last to first."""
+
+    def in_run_order(rows_of):
+        forward = [row for found in reports for row in rows_of(found) if row.graph == "fwd"]
+        backward = [
+            row for found in reversed(reports) for row in rows_of(found) if row.graph != "fwd"
+        ]
+        return tuple(forward + backward)
+
     return dataclasses.replace(
         reports[0],
         training=any(found.training for found in reports),
-        gemms=tuple(row for found in reports for row in found.gemms),
-        float_ops=tuple(op for found in reports for op in found.float_ops),
+        gemms=in_run_order(lambda found: found.gemms),
+        float_ops=in_run_order(lambda found: found.float_ops),
     )
 
 

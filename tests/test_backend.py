@@ -21,6 +21,7 @@ from gradq_fx.backend import gradq_backend, to_config
 from gradq_fx.config import GradQConfig
 from gradq_fx.passes import prepare
 from gradq_fx.quantizer import sqnr_db
+from gradq_fx.report import report as trace_report
 from tests.conftest import tiny_model
 
 
@@ -252,6 +253,18 @@ def test_each_compiled_graph_logs_its_coverage_and_writes_its_report(monkeypatch
     assert report["config"]["exclude"] == ["2"] and len(report["gemms"]) == 3
     assert {op["module"] for op in report["float_ops"]} == {"2"}
     assert "excluded by config (exclude pattern '2')" in text
+
+
+def test_compiled_reports_hold_what_each_compile_rewrote():
+    before = len(gradq_fx.compiled_reports())
+    model, x = mlp(), torch.randn(197, 37)
+    step(model, x, "gradq_eager", {"exclude": ["2"]})
+    found = gradq_fx.compiled_reports()
+    assert len(found) == before + 1
+    # What a second trace of the model reports, without the trace.
+    traced = trace_report(model, (x.requires_grad_(),), {"exclude": ["2"]}, training=True)
+    assert found[-1].to_dict() == traced.to_dict()
+    assert len(found[-1].gemms) == 3
 
 
 # --- Inductor --------------------------------------------------------------------------------
