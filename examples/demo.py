@@ -47,8 +47,8 @@ def main() -> int:
         print(f"step {step}: loss {loss.item():.4f} ({time.perf_counter() - start:.1f} s)")
         sys.stdout.flush()
 
-    # The compile's own reports; a graph that came from Inductor's caches has none, and then
-    # the model is traced again (about 10 s here) to make one.
+    # The reports the compile made; where it made none (a compile skipped by AOTAutograd's
+    # cache) the model is traced again to make one, about 10 s here.
     found = gradq_fx.compiled_reports() or [report(model, x, config)]
     for graph_report in found:
         print()

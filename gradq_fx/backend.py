@@ -108,7 +108,7 @@ class Observer:
 def announce(found: report.Report | None) -> None:
     """Log a compiled graph's summary (INFO) and what stays float where gradq cannot rewrite it
     (WARNING); write its report under GRADQ_REPORT. `found` is None when the graph came from
-    Inductor's caches, whose hits skip gradq's passes."""
+    AOTAutograd's cache, whose hits skip gradq's passes (docs/design.md, Caches)."""
     name = _graph_name()
     if found is None:
         log.info(
@@ -133,8 +133,9 @@ def compiled_reports() -> list[report.Report]:
     """The reports of the graphs gradq's backends compiled in this process, oldest first:
     what they rewrote, as they compiled it, with no second trace of the model.
 
-    A graph that came from Inductor's caches has none (gradq's passes did not run for it);
-    `gradq_fx.report.report(model, inputs)` traces the model again to make one.
+    A graph whose compile AOTAutograd's cache skipped has none (gradq's passes did not run;
+    docs/design.md, Caches); `gradq_fx.report.report(model, inputs)` traces the model again
+    to make one.
     """
     return list(_REPORTS)
 

@@ -322,8 +322,13 @@ def test_option_change_recompiles_and_same_options_hit_the_cache(tmp_path, monke
 
     first, hits = compile_once({})
     assert hits == 0
+    reports = len(gradq_fx.compiled_reports())
     again, hits = compile_once({})
     assert hits == 2  # forward and backward graphs
+    # AOTAutograd's cache passes gradq's graphs by, so gradq's passes ran before Inductor's
+    # cache was asked: the hit still has its report.
+    assert counters["aot_autograd"]["autograd_cache_hit"] == 0
+    assert len(gradq_fx.compiled_reports()) == reports + 1
     torch.testing.assert_close(again, first, rtol=0, atol=0)
     changed, hits = compile_once({"forward": False})
     assert hits == 0
