@@ -189,14 +189,14 @@ def clip_value(rows: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     dot = (rows[:, None, :] * restored).sum(dim=2)
     cosine = dot / (rows.norm(dim=1, keepdim=True) * restored.norm(dim=2)).clamp_min(1e-30)
     # Cosine cannot see magnitude: a row with one nonzero value has cosine 1 at any clip,
-    # however saturated. Among candidates within float noise of the best, take the largest
-    # (candidates never increase along the row: Q3 + k IQR grows with k, and every fence is
-    # capped at amax). A max, not an index: the compiled clip is one reduction, where a
-    # gather is repeated as an indirect load in every kernel that reads the clip.
+    # however saturated. Among candidates within float noise of the best, take the largest.
     near_best = cosine >= cosine.amax(dim=1, keepdim=True) - IQR_COSINE_TIE
-    largest = torch.where(near_best, candidates, -math.inf).amax(dim=1)
-    # No cosine is finite (a row holding a NaN or an Inf; no candidate is near-best): amax.
-    return torch.where(largest > -math.inf, largest, amax)
+    first = near_best.float().argmax(dim=1, keepdim=True)  # 0 (amax) when no cosine is finite
+    # candidates[first] as a sum that adds exact zeros to it: a reduction, so the compiled
+    # clip is one value per row in memory, where a gather is repeated as an indirect load in
+    # every kernel that reads the clip.
+    chosen = torch.arange(candidates.shape[1], device=rows.device) == first
+    return torch.where(chosen, candidates, 0.0).sum(dim=1)
 
 
 # --------------------------------------------------------------------------- quantize
