@@ -104,20 +104,22 @@ class Observer:
             return  # a body Inductor compiles on its own
         self.report = report.analyse([captured], self.config, self.training)
 
+    def result(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> report.Report:
+        """The report, once `gm` compiled. A compile can show the lowering pass no graph of
+        gm's: AOTAutograd's cache hits for a graph without gradq's ops (a piece holding only
+        an excluded head, say), and a graph whose outputs all alias its inputs (a reshape
+        between blocks) has no joint graph. Then a trace of gm, compiling nothing, makes it."""
+        if self.report is None:
+            self.report = report.traced(
+                gm, example_inputs, self.decisions, self.config, self.training
+            )
+        return self.report
 
-def announce(found: report.Report | None) -> None:
+
+def announce(found: report.Report) -> None:
     """Log a compiled graph's summary (INFO) and what stays float where gradq cannot rewrite it
-    (WARNING); write its report under GRADQ_REPORT. `found` is None when the graph came from
-    AOTAutograd's cache, whose hits skip gradq's passes (docs/design.md, Caches)."""
+    (WARNING); write its report under GRADQ_REPORT."""
     name = _graph_name()
-    if found is None:
-        log.info(
-            "gradq: graph %s came from the compile cache, compiled with the same "
-            "rewrite (its report is written when it compiles: %s=DIR with a cleared cache)",
-            name,
-            REPORT_VARIABLE,
-        )
-        return
     _REPORTS.append(found)
     mode = "training" if found.training else "inference"
     log.info("gradq: graph %s (%s): %s", name, mode, found.summary())
@@ -131,12 +133,8 @@ def announce(found: report.Report | None) -> None:
 
 def compiled_reports() -> list[report.Report]:
     """The reports of the graphs gradq's backends compiled in this process, oldest first:
-    what they rewrote, as they compiled it, with no second trace of the model.
-
-    A graph whose compile AOTAutograd's cache skipped has none (gradq's passes did not run;
-    docs/design.md, Caches); `gradq_fx.report.report(model, inputs)` traces the model again
-    to make one.
-    """
+    what they rewrote, as they compiled it, with no second trace of the model. Every compile
+    adds one, a cache hit included (`Observer.result`)."""
     return list(_REPORTS)
 
 
@@ -192,7 +190,8 @@ def gradq_backend(
     def compile_graph(graph: fx.GraphModule, inputs: Sequence[Any]) -> regions.Compiled:
         observer = Observer(graph, inputs, decisions, config)
         patches = inductor_patches(config, device, mode, observer)
-        return compile_fx(graph, inputs, config_patches=patches), observer.report
+        compiled = compile_fx(graph, inputs, config_patches=patches)
+        return compiled, observer.result(graph, inputs)
 
     return _compile(gm, example_inputs, config, compile_graph)
 
@@ -219,7 +218,8 @@ def gradq_eager_backend(
             lower.apply(joint.graph)
             joint.recompile()
 
-        return aot_eager(graph, inputs, lowered), observer.report
+        compiled = aot_eager(graph, inputs, lowered)
+        return compiled, observer.result(graph, inputs)
 
     return _compile(gm, example_inputs, config, compile_graph)
 

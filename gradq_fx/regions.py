@@ -44,8 +44,8 @@ from torch.fx.passes.split_module import split_module
 from gradq_fx.passes.annotate import dotted, moved_path
 from gradq_fx.report import Report
 
-# (compiled callable, its report or None when it came from a cache)
-Compiled = tuple[Callable[..., Any], Report | None]
+# (compiled callable, its report)
+Compiled = tuple[Callable[..., Any], Report]
 Compiler = Callable[[fx.GraphModule, Sequence[Any]], Compiled]
 
 log = logging.getLogger("gradq_fx")
@@ -206,7 +206,7 @@ class Split:
     """What `compile_blocks` did: how many pieces, how many compiles, and the merged report."""
 
     module: torch.nn.Module
-    report: Report | None
+    report: Report
     pieces: int
     compiled: int
 
@@ -243,8 +243,8 @@ def compile_blocks(
 
     partition, paths = _partitions(gm, found)
     split = split_module(gm, gm, lambda node: partition[node], keep_original_order=True)
-    cache: dict[tuple, tuple[Callable[..., Any], Report | None, str | None]] = {}
-    reports: list[Report | None] = []
+    cache: dict[tuple, tuple[Callable[..., Any], Report, str | None]] = {}
+    reports: list[Report] = []
     for call in split.graph.find_nodes(op="call_module"):
         piece = getattr(split, call.target)
         inputs = [example(p.name) for p in piece.graph.find_nodes(op="placeholder")]
@@ -257,7 +257,7 @@ def compile_blocks(
         key = _fingerprint(piece, inputs, path)
         if key in cache:
             compiled, piece_report, traced = cache[key]
-            if piece_report is not None and traced is not None and path is not None:
+            if traced is not None and path is not None:
                 piece_report = _rename_report(piece_report, traced, path)
         else:
             compiled, piece_report = compile_piece(piece, inputs)
@@ -265,5 +265,4 @@ def compile_blocks(
         reports.append(piece_report)
         setattr(split, call.target, _Piece(compiled, single))
     split.recompile()
-    whole = None if any(r is None for r in reports) else _merge(reports)  # type: ignore[arg-type]
-    return Split(split, whole, len(reports), len(cache))
+    return Split(split, _merge(reports), len(reports), len(cache))

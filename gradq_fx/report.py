@@ -17,7 +17,7 @@ import dataclasses
 import json
 import math
 import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import networkx as nx
@@ -331,18 +331,38 @@ def capture(
     captured: list[Captured] = []
 
     def backend(gm: fx.GraphModule, inputs):
-        decisions = prepare(gm, config)
-        is_parameter = primal_parameters(gm, inputs)
-
-        def record(graph: fx.GraphModule) -> None:
-            captured.append(Captured.of(graph, is_parameter, decisions))
-
-        return aot_eager(gm, inputs, record)
+        return _trace(gm, inputs, prepare(gm, config), captured.append)
 
     compiled = torch.compile(model, backend=backend)
     with torch.set_grad_enabled(training):
         compiled(*example_inputs)
     return captured
+
+
+def traced(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    decisions: list[Decision],
+    config: GradQConfig,
+    training: bool,
+) -> Report:
+    """The report of a rewritten Dynamo graph (or a piece of one, `gradq_fx.regions`) from an
+    AOTAutograd trace that compiles nothing: for a compile that showed gradq no graph to
+    analyse (a hit in AOTAutograd's cache, or a graph whose outputs all alias its inputs)."""
+    captured: list[Captured] = []
+    _trace(gm, example_inputs, decisions, captured.append)
+    return analyse(captured, config, training)
+
+
+def _trace(
+    gm: fx.GraphModule,
+    inputs: Sequence[Any],
+    decisions: list[Decision],
+    keep: Callable[[Captured], None],
+) -> Callable:
+    """`aot_eager` over a rewritten graph, handing `keep` each graph AOTAutograd derives."""
+    is_parameter = primal_parameters(gm, inputs)
+    return aot_eager(gm, inputs, lambda graph: keep(Captured.of(graph, is_parameter, decisions)))
 
 
 # --- analysis ------------------------------------------------------------------------------

@@ -9,11 +9,14 @@ import re
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
+import gradq_fx
 from gradq_fx import regions
 from gradq_fx import stats as layer_stats
 from gradq_fx.config import GradQConfig
 from gradq_fx.passes import prepare
+from gradq_fx.report import report as trace_report
 from tests.conftest import tiny_model
 
 
@@ -131,3 +134,74 @@ def test_inductor_blocks_compiled_once_match_the_whole_graph_bit_for_bit(caplog)
     assert torch.equal(loss, whole_loss)
     for name, grad in grads.items():
         assert torch.equal(grad, whole_grads[name]), name
+
+
+class _Residual(torch.nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.fc = torch.nn.Linear(width, width)
+
+    def forward(self, x):
+        return x + torch.nn.functional.gelu(self.fc(x))
+
+
+class _TwoStages(torch.nn.Module):
+    """Two runs of repeated blocks with a transpose between them (a piece whose output only
+    aliases its input, as EfficientFormer's flatten between its stages), then a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.Sequential(_Residual(16), _Residual(16))
+        self.later = torch.nn.Sequential(_Residual(11), _Residual(11))
+        self.head = torch.nn.Linear(11, 10)
+
+    def forward(self, x):  # x: [batch, 11 tokens, 16]
+        x = self.later(self.blocks(x).transpose(1, 2))
+        return self.head(x.mean(1))
+
+
+def _compiled_report(model, x, backend: str, options: dict):
+    before = len(gradq_fx.compiled_reports())
+    torch._dynamo.reset()
+    torch.compile(model, backend=backend, options=options)(x).sum().backward()
+    found = gradq_fx.compiled_reports()[before:]
+    assert len(found) == 1
+    return found[0]
+
+
+def test_a_piece_without_a_joint_graph_is_still_reported(caplog):
+    torch.manual_seed(0)
+    model, x = _TwoStages(), torch.randn(3, 11, 16)
+    options = {"exclude": ["head"]}
+    with caplog.at_level(logging.INFO, logger="gradq_fx"):
+        found = _compiled_report(model, x, "gradq_eager", options)
+    # 2 + 2 blocks, the transpose, the head; blocks.0 compiles on its own (its input needs no
+    # gradient, its sibling's does).
+    assert _split_line(caplog) == (6, 5)
+    assert found.to_dict() == trace_report(model, x, options, training=True).to_dict()
+    assert {row.module for row in found.gemms} == {
+        f"{stage}.{i}.fc" for stage in ("blocks", "later") for i in range(2)
+    }
+    assert {op.module for op in found.float_ops} == {"head"}
+
+
+@pytest.mark.slow
+def test_a_piece_from_aotautograds_cache_is_still_reported(tmp_path, monkeypatch):
+    # The head piece has no gradq op (excluded), so AOTAutograd caches it; a compile that
+    # hits that cache must still report the head's GEMMs as kept float.
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    model, x = _TwoStages(), torch.randn(3, 11, 16)
+    options = {"exclude": ["head"]}
+    patches = {"fx_graph_cache": True}
+    with (
+        torch._inductor.config.patch(patches),
+        torch._functorch.config.patch(enable_autograd_cache=True),
+    ):
+        first = _compiled_report(model, x, "gradq", options)
+        counters.clear()
+        again = _compiled_report(model, x, "gradq", options)
+    assert counters["aot_autograd"]["autograd_cache_hit"] >= 1
+    assert again.to_dict() == first.to_dict()
+    assert first.to_dict() == trace_report(model, x, options, training=True).to_dict()
+    assert {op.module for op in again.float_ops} == {"head"}
