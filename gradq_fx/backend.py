@@ -105,10 +105,10 @@ class Observer:
         self.report = report.analyse([captured], self.config, self.training)
 
     def result(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> report.Report:
-        """The report, once `gm` compiled. A compile can show the lowering pass no graph of
-        gm's: AOTAutograd's cache hits for a graph without gradq's ops (a piece holding only
-        an excluded head, say), and a graph whose outputs all alias its inputs (a reshape
-        between blocks) has no joint graph. Then a trace of gm, compiling nothing, makes it."""
+        """The report, once `gm` compiled. Two compiles show the lowering pass no graph of
+        gm's: AOTAutograd's cache serves a graph without gradq's ops (a piece holding only an
+        excluded head, say), and a graph whose outputs all alias its inputs (a reshape between
+        stages) gets no joint graph. Then a trace of gm, compiling nothing, makes the report."""
         if self.report is None:
             self.report = report.traced(
                 gm, example_inputs, self.decisions, self.config, self.training
