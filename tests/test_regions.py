@@ -193,9 +193,8 @@ def test_a_piece_from_aotautograds_cache_is_still_reported(tmp_path, monkeypatch
     torch.manual_seed(0)
     model, x = _TwoStages(), torch.randn(3, 11, 16)
     options = {"exclude": ["head"]}
-    patches = {"fx_graph_cache": True}
     with (
-        torch._inductor.config.patch(patches),
+        torch._inductor.config.patch(fx_graph_cache=True),
         torch._functorch.config.patch(enable_autograd_cache=True),
     ):
         first = _compiled_report(model, x, "gradq", options)
