@@ -7,18 +7,21 @@ them, are kernels too) and when each kernel is decorated. This process imported 
 any test ran (torch._dynamo does), so setting the variable here would come too late, and it
 would leak into every later Inductor compile. Instead the `interpret` tests of the session run
 together in one child pytest process started with TRITON_INTERPRET=1, and each of them here
-reports its child's outcome (passed, skipped, or failed with the child's report). With
+reports its child's outcome (passed, skipped, or failed with the child's report). The child
+starts once the session's tests are collected and runs beside the parent's tests. With
 TRITON_INTERPRET=1 already set (the child itself, or `TRITON_INTERPRET=1 pytest tests`), they
 run in place.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -66,8 +69,54 @@ def tiny_model(name: str, fused_attn: bool = True, **overrides) -> tuple[torch.n
 
 _REPORT_ENV = "GRADQ_INTERPRETER_REPORT"  # the child appends one JSON line per test phase here
 _CHILD_TIMEOUT_S = 900
-_child_outcomes: dict[str, dict] = {}
-_child_output: list[str] = []
+
+
+@dataclasses.dataclass
+class _Child:
+    """The TRITON_INTERPRET=1 pytest process, its files, and (once it ended) its outcomes."""
+
+    process: subprocess.Popen
+    folder: tempfile.TemporaryDirectory
+    started: float
+    outcomes: dict[str, dict] | None = None
+    output: str = ""
+
+    def path(self, name: str) -> Path:
+        return Path(self.folder.name) / name
+
+    def wait(self) -> None:
+        """Wait for the child (up to _CHILD_TIMEOUT_S from its start) and read its outcomes."""
+        if self.outcomes is not None:
+            return
+        try:
+            self.process.wait(
+                timeout=max(1.0, _CHILD_TIMEOUT_S - (time.monotonic() - self.started))
+            )
+            self.output = _tail(self.path("stdout"), 6000) + _tail(self.path("stderr"), 4000)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            self.output = f"the interpreter process ran past {_CHILD_TIMEOUT_S} s"
+        rank = {"passed": 0, "skipped": 1, "failed": 2}
+        self.outcomes = {}
+        for line in self.path("report.jsonl").read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            previous = self.outcomes.get(record["nodeid"])
+            if previous is None or rank[record["outcome"]] > rank[previous["outcome"]]:
+                self.outcomes[record["nodeid"]] = record
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.folder.cleanup()
+
+
+_child: _Child | None = None
+
+
+def _tail(path: Path, chars: int) -> str:
+    return path.read_text(encoding="utf-8", errors="replace")[-chars:]
 
 
 def pytest_configure(config):
@@ -90,33 +139,34 @@ def pytest_runtest_logreport(report):
             file.write(json.dumps(record) + "\n")
 
 
-def _run_child(session) -> None:
+def pytest_collection_finish(session):
+    """In the parent: start the child as soon as the tests are known, so that it runs beside
+    the parent's own tests (the interpreter is single-threaded Python, like most of a compile)."""
+    global _child
+    if session.config.option.collectonly or triton_interpreting() or not triton_installed():
+        return
     nodeids = [item.nodeid for item in session.items if item.get_closest_marker("interpret")]
+    if not nodeids:
+        return
     root = Path(session.config.rootpath)
-    with tempfile.TemporaryDirectory() as folder:
-        report = Path(folder) / "report.jsonl"
-        report.touch()
-        env = {**os.environ, "TRITON_INTERPRET": "1", _REPORT_ENV: str(report)}
-        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
-        command += ["--rootdir", str(root), *nodeids]
-        try:
-            done = subprocess.run(
-                command,
-                cwd=root,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=_CHILD_TIMEOUT_S,
-            )
-            _child_output.append(done.stdout[-6000:] + done.stderr[-4000:])
-        except subprocess.TimeoutExpired as error:
-            _child_output.append(f"the interpreter process ran past {error.timeout} s")
-        rank = {"passed": 0, "skipped": 1, "failed": 2}
-        for line in report.read_text(encoding="utf-8").splitlines():
-            record = json.loads(line)
-            previous = _child_outcomes.get(record["nodeid"])
-            if previous is None or rank[record["outcome"]] > rank[previous["outcome"]]:
-                _child_outcomes[record["nodeid"]] = record
+    folder = tempfile.TemporaryDirectory()
+    report = Path(folder.name) / "report.jsonl"
+    report.touch()
+    env = {**os.environ, "TRITON_INTERPRET": "1", _REPORT_ENV: str(report)}
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    command += ["--rootdir", str(root), *nodeids]
+    # Output goes to files, not pipes: nobody reads a pipe while the parent runs its tests.
+    with (
+        open(Path(folder.name) / "stdout", "w") as out,
+        open(Path(folder.name) / "stderr", "w") as err,
+    ):
+        process = subprocess.Popen(command, cwd=root, env=env, stdout=out, stderr=err, text=True)
+    _child = _Child(process, folder, time.monotonic())
+
+
+def pytest_sessionfinish(session):
+    if _child is not None:
+        _child.close()
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -126,12 +176,13 @@ def pytest_pyfunc_call(pyfuncitem):
         return None
     if not triton_installed():
         pytest.skip("triton is not installed")
-    if not _child_output:
-        _run_child(pyfuncitem.session)
-    record = _child_outcomes.get(pyfuncitem.nodeid)
+    if _child is None:
+        pytest.fail("no TRITON_INTERPRET=1 process was started for this test", pytrace=False)
+    _child.wait()
+    record = _child.outcomes.get(pyfuncitem.nodeid)
     if record is None:
         pytest.fail(
-            "no result from the TRITON_INTERPRET=1 process; its output:\n" + _child_output[0],
+            "no result from the TRITON_INTERPRET=1 process; its output:\n" + _child.output,
             pytrace=False,
         )
     if record["outcome"] == "skipped":
