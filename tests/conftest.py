@@ -1,16 +1,13 @@
-"""Shared fixtures: tiny timm models (compiling on 2 CPU cores is slow) and a clean Dynamo;
-and the `interpret` marker, which runs tests in Triton's CPU interpreter.
+"""Shared fixtures (tiny timm models, a clean Dynamo), and the child processes that run the
+`interpret` and `slow` tests beside the others.
 
 Tests marked `interpret` run gradq's Triton kernels in Triton's CPU interpreter. Triton reads
 TRITON_INTERPRET when `triton` is imported (its library functions, tl.zeros and tl.rand among
 them, are kernels too) and when each kernel is decorated. This process imported triton before
 any test ran (torch._dynamo does), so setting the variable here would come too late, and it
 would leak into every later Inductor compile. Instead the `interpret` tests of the session run
-together in one child pytest process started with TRITON_INTERPRET=1, and each of them here
-reports its child's outcome (passed, skipped, or failed with the child's report). The child
-starts once the session's tests are collected and runs beside the parent's tests. With
-TRITON_INTERPRET=1 already set (the child itself, or `TRITON_INTERPRET=1 pytest tests`), they
-run in place.
+together in one child pytest process started with TRITON_INTERPRET=1. With TRITON_INTERPRET=1
+already set (that child, or `TRITON_INTERPRET=1 pytest tests`), they run in place.
 """
 
 from __future__ import annotations
@@ -65,21 +62,48 @@ def tiny_model(name: str, fused_attn: bool = True, **overrides) -> tuple[torch.n
     return model, size
 
 
-# -- the `interpret` marker -------------------------------------------------------------
+# -- tests that run in a child process ----------------------------------------------------
+#
+# Once the session's tests are collected, two kinds of them start in child pytest processes
+# that run beside the parent's own tests; the parent answers each of them with its child's
+# outcome (passed, skipped, or failed with the child's report):
+# - `interpret` tests, in a child with TRITON_INTERPRET=1 (the module docstring says why);
+# - `slow` tests, where the session also holds others. One pytest process kept 1.2 of our 2
+#   cores busy (compiling is mostly single-threaded Python), so the slow ones run beside the
+#   rest rather than after it.
 
-_REPORT_ENV = "GRADQ_INTERPRETER_REPORT"  # the child appends one JSON line per test phase here
-_CHILD_TIMEOUT_S = 900
+_REPORT_ENV = "GRADQ_CHILD_REPORT"  # a child appends one JSON line per test phase here
+_CHILD_TIMEOUT_S = 1800
 
 
 @dataclasses.dataclass
 class _Child:
-    """The TRITON_INTERPRET=1 pytest process, its files, and (once it ended) its outcomes."""
+    """A child pytest process, its files, and (once it ended) its outcomes."""
 
+    name: str
     process: subprocess.Popen
     folder: tempfile.TemporaryDirectory
     started: float
     outcomes: dict[str, dict] | None = None
     output: str = ""
+
+    @classmethod
+    def start(cls, name: str, nodeids: list[str], root: Path, env: dict[str, str]) -> _Child:
+        folder = tempfile.TemporaryDirectory()
+        report = Path(folder.name) / "report.jsonl"
+        report.touch()
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+        command += ["--rootdir", str(root), *nodeids]
+        env = {**os.environ, **env, _REPORT_ENV: str(report)}
+        # Output goes to files, not pipes: nobody reads a pipe while the parent runs its tests.
+        with (
+            open(Path(folder.name) / "stdout", "w") as out,
+            open(Path(folder.name) / "stderr", "w") as err,
+        ):
+            process = subprocess.Popen(
+                command, cwd=root, env=env, stdout=out, stderr=err, text=True
+            )
+        return cls(name, process, folder, time.monotonic())
 
     def path(self, name: str) -> Path:
         return Path(self.folder.name) / name
@@ -96,7 +120,7 @@ class _Child:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-            self.output = f"the interpreter process ran past {_CHILD_TIMEOUT_S} s"
+            self.output = f"the {self.name} ran past {_CHILD_TIMEOUT_S} s"
         rank = {"passed": 0, "skipped": 1, "failed": 2}
         self.outcomes = {}
         for line in self.path("report.jsonl").read_text(encoding="utf-8").splitlines():
@@ -112,7 +136,9 @@ class _Child:
         self.folder.cleanup()
 
 
-_child: _Child | None = None
+_groups: list[tuple[str, list[pytest.Item], dict[str, str]]] = []  # (name, tests, environment)
+_children: list[_Child] = []
+_child_of: dict[str, _Child] = {}  # nodeid -> the child that runs it
 
 
 def _tail(path: Path, chars: int) -> str:
@@ -128,65 +154,76 @@ def pytest_configure(config):
 
 
 def pytest_runtest_logreport(report):
-    """In the child: record each phase's outcome for the parent."""
+    """In a child: record each phase's outcome for the parent."""
     path = os.environ.get(_REPORT_ENV)
-    if path and "interpret" in report.keywords:
-        text = report.longreprtext
-        if report.skipped and isinstance(report.longrepr, tuple):
-            text = report.longrepr[2]  # (path, line, reason)
-        record = {"nodeid": report.nodeid, "outcome": report.outcome, "text": text}
-        with open(path, "a", encoding="utf-8") as file:
-            file.write(json.dumps(record) + "\n")
+    if not path:
+        return
+    text = report.longreprtext
+    if report.skipped and isinstance(report.longrepr, tuple):
+        text = report.longrepr[2]  # (path, line, reason)
+    elif report.failed:
+        text += "".join(f"\n--- {name}\n{content}" for name, content in report.sections)
+    record = {"nodeid": report.nodeid, "outcome": report.outcome, "text": text}
+    with open(path, "a", encoding="utf-8") as file:
+        file.write(json.dumps(record) + "\n")
+
+
+@pytest.hookimpl(trylast=True)  # after -m and -k have deselected
+def pytest_collection_modifyitems(session, config, items):
+    """In the parent: pick the tests the children run, and run them last here, where the
+    parent waits for their outcomes (the first of each child's tests waits for all of them)."""
+    if os.environ.get(_REPORT_ENV):
+        return
+    interpret, slow, rest = [], [], []
+    for item in items:
+        if item.get_closest_marker("interpret"):
+            interpret.append(item)
+        elif item.get_closest_marker("slow"):
+            slow.append(item)
+        else:
+            rest.append(item)
+    if triton_installed() and not triton_interpreting():
+        _groups.append(("TRITON_INTERPRET=1 process", interpret, {"TRITON_INTERPRET": "1"}))
+    if rest or interpret:
+        _groups.append(("slow tests' process", slow, {}))
+    items[:] = rest + interpret + slow
 
 
 def pytest_collection_finish(session):
-    """In the parent: start the child as soon as the tests are known, so that it runs beside
-    the parent's own tests (the interpreter is single-threaded Python, like most of a compile)."""
-    global _child
-    if session.config.option.collectonly or triton_interpreting() or not triton_installed():
-        return
-    nodeids = [item.nodeid for item in session.items if item.get_closest_marker("interpret")]
-    if not nodeids:
+    """In the parent: start the children as soon as the tests are known."""
+    if session.config.option.collectonly:
         return
     root = Path(session.config.rootpath)
-    folder = tempfile.TemporaryDirectory()
-    report = Path(folder.name) / "report.jsonl"
-    report.touch()
-    env = {**os.environ, "TRITON_INTERPRET": "1", _REPORT_ENV: str(report)}
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
-    command += ["--rootdir", str(root), *nodeids]
-    # Output goes to files, not pipes: nobody reads a pipe while the parent runs its tests.
-    with (
-        open(Path(folder.name) / "stdout", "w") as out,
-        open(Path(folder.name) / "stderr", "w") as err,
-    ):
-        process = subprocess.Popen(command, cwd=root, env=env, stdout=out, stderr=err, text=True)
-    _child = _Child(process, folder, time.monotonic())
+    for name, items, env in _groups:
+        if items:
+            nodeids = [item.nodeid for item in items]
+            child = _Child.start(name, nodeids, root, env)
+            _children.append(child)
+            _child_of.update(dict.fromkeys(nodeids, child))
 
 
 def pytest_sessionfinish(session):
-    if _child is not None:
-        _child.close()
+    for child in _children:
+        child.close()
+    _groups.clear()
+    _children.clear()
+    _child_of.clear()
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_pyfunc_call(pyfuncitem):
-    """In the parent: answer an `interpret` test with its outcome in the child."""
-    if pyfuncitem.get_closest_marker("interpret") is None or triton_interpreting():
+    """In the parent: answer a test a child ran with its outcome there."""
+    child = _child_of.get(pyfuncitem.nodeid)
+    if child is None:
+        if pyfuncitem.get_closest_marker("interpret") and not triton_interpreting():
+            pytest.skip("triton is not installed")
         return None
-    if not triton_installed():
-        pytest.skip("triton is not installed")
-    if _child is None:
-        pytest.fail("no TRITON_INTERPRET=1 process was started for this test", pytrace=False)
-    _child.wait()
-    record = _child.outcomes.get(pyfuncitem.nodeid)
+    child.wait()
+    record = child.outcomes.get(pyfuncitem.nodeid)
     if record is None:
-        pytest.fail(
-            "no result from the TRITON_INTERPRET=1 process; its output:\n" + _child.output,
-            pytrace=False,
-        )
+        pytest.fail(f"no result from the {child.name}; its output:\n{child.output}", pytrace=False)
     if record["outcome"] == "skipped":
-        pytest.skip(f"in the TRITON_INTERPRET=1 process: {record['text']}")
+        pytest.skip(f"in the {child.name}: {record['text']}")
     if record["outcome"] == "failed":
-        pytest.fail(f"in the TRITON_INTERPRET=1 process:\n{record['text']}", pytrace=False)
+        pytest.fail(f"in the {child.name}:\n{record['text']}", pytrace=False)
     return True

@@ -135,6 +135,7 @@ def test_swin_and_mobilevit_compile_fullgraph_and_track_float(name, attention):
     assert min_weight_sqnr(ref_dw, dw) > 26
 
 
+@pytest.mark.slow
 def test_mobilevit_with_int8_convolutions_compiles_and_tracks_float():
     model, size = tiny_model("mobilevit_xxs")
     x = torch.randn(2, 3, size, size)

@@ -9,6 +9,7 @@ import collections
 import json
 import math
 
+import pytest
 from PIL import Image
 
 from gradq_fx.bench.candidates import CLIP_CANDIDATES, KERNEL_CANDIDATES
@@ -38,6 +39,7 @@ def test_kernel_report_round_trips_through_json(tmp_path):
     assert not report.failed
 
 
+@pytest.mark.slow
 def test_kernels_smoke_on_cpu(tmp_path, capsys):
     """Every candidate is checked, then timed, on the tiny model's shapes; JSON and PNG."""
     args = ["bench", "--kernels", *TINY_MODEL, "--batch-size", "2", "--peak-size", "64"]

@@ -16,6 +16,7 @@ qat_ablation = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(qat_ablation)
 
 
+@pytest.mark.slow
 def test_tiny_sweep_trains_teacher_and_student_then_tables(tmp_path, capsys):
     data = write_idx_dataset(tmp_path / "data", train=32, test=16, size=16)
     root = tmp_path / "runs"
