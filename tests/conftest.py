@@ -73,7 +73,7 @@ def tiny_model(name: str, fused_attn: bool = True, **overrides) -> tuple[torch.n
 #   rest rather than after it.
 
 _REPORT_ENV = "GRADQ_CHILD_REPORT"  # a child appends one JSON line per test phase here
-_CHILD_TIMEOUT_S = 1800
+_CHILD_TIMEOUT_S = 3600  # the slow tests ended within the suite's 18 min here; CI allows 90
 
 
 @dataclasses.dataclass
