@@ -76,7 +76,7 @@ _REPORT_ENV = "GRADQ_CHILD_REPORT"  # a child appends one JSON line per test pha
 _CHILD_TIMEOUT_S = 3600  # the slow tests ended within the suite's 18 min here; CI allows 90
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # one child, one identity: a key of a set
 class _Child:
     """A child pytest process, its files, and (once it ended) its outcomes."""
 
@@ -136,8 +136,6 @@ class _Child:
         self.folder.cleanup()
 
 
-_groups: list[tuple[str, list[pytest.Item], dict[str, str]]] = []  # (name, tests, environment)
-_children: list[_Child] = []
 _child_of: dict[str, _Child] = {}  # nodeid -> the child that runs it
 
 
@@ -170,9 +168,9 @@ def pytest_runtest_logreport(report):
 
 @pytest.hookimpl(trylast=True)  # after -m and -k have deselected
 def pytest_collection_modifyitems(session, config, items):
-    """In the parent: pick the tests the children run, and run them last here, where the
-    parent waits for their outcomes (the first of each child's tests waits for all of them)."""
-    if os.environ.get(_REPORT_ENV):
+    """In the parent: start the children on their tests, and run those tests last here, where
+    the parent waits for their outcomes (the first of each child's tests waits for all)."""
+    if config.option.collectonly or os.environ.get(_REPORT_ENV):
         return
     interpret, slow, rest = [], [], []
     for item in items:
@@ -182,31 +180,20 @@ def pytest_collection_modifyitems(session, config, items):
             slow.append(item)
         else:
             rest.append(item)
+    groups = [("slow tests' process", slow if rest or interpret else [], {})]
     if triton_installed() and not triton_interpreting():
-        _groups.append(("TRITON_INTERPRET=1 process", interpret, {"TRITON_INTERPRET": "1"}))
-    if rest or interpret:
-        _groups.append(("slow tests' process", slow, {}))
+        groups.append(("TRITON_INTERPRET=1 process", interpret, {"TRITON_INTERPRET": "1"}))
+    for name, group, env in groups:
+        if group:
+            nodeids = [item.nodeid for item in group]
+            child = _Child.start(name, nodeids, Path(config.rootpath), env)
+            _child_of.update(dict.fromkeys(nodeids, child))
     items[:] = rest + interpret + slow
 
 
-def pytest_collection_finish(session):
-    """In the parent: start the children as soon as the tests are known."""
-    if session.config.option.collectonly:
-        return
-    root = Path(session.config.rootpath)
-    for name, items, env in _groups:
-        if items:
-            nodeids = [item.nodeid for item in items]
-            child = _Child.start(name, nodeids, root, env)
-            _children.append(child)
-            _child_of.update(dict.fromkeys(nodeids, child))
-
-
 def pytest_sessionfinish(session):
-    for child in _children:
+    for child in set(_child_of.values()):
         child.close()
-    _groups.clear()
-    _children.clear()
     _child_of.clear()
 
 
