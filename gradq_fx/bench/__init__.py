@@ -75,6 +75,9 @@ def run(config: BenchConfig, command: str = "") -> int:
         if phases is not None:
             print("\nWhere the first step went (torch's compile metrics, summed over graphs):")
             print(phases)
+            start_up = report.timing.get("compiler_start_up_s")
+            if start_up is not None:
+                print(f"Before the first setting, the compiler's start-up: {start_up:.2f} s")
         json_path, png_path = out / "bench.json", out / "bench.png"
         title = f"training step: {subject}"
         draw_bars(

@@ -1,7 +1,8 @@
 """The step benchmark: a whole training step (forward, cross-entropy, backward, AdamW step,
-zero_grad) of one model under each setting of `SETTINGS`: each setting compiled and warmed
-up in turn, then all timed step by step in rounds, one step of each per round; the speed-ups
-against the float baselines, `StepReport` (bench.json) and its text table.
+zero_grad) of one model under each setting of `SETTINGS`: after a tiny compile that pays the
+process's one-off compiler start-up, each setting compiled and warmed up in turn, then all
+timed step by step in rounds, one step of each per round; the speed-ups against the float
+baselines, `StepReport` (bench.json) and its text table.
 """
 
 from __future__ import annotations
@@ -304,6 +305,22 @@ def compile_metrics() -> dict[str, float]:
     return {key: sum(values) for key, values in compilation_time_metrics.items()}
 
 
+def start_compiler(clock: Clock) -> float:
+    """Compile and run a tiny forward and backward with Inductor on the clock's device; its
+    wall time in seconds. A process's first compile pays one-off costs (imports, the C++
+    compiler's checks and precompiled header, Triton's start) that later compiles do not:
+    paid here, they fall on no setting's first step, so each compiles in a process that has
+    compiled before, whatever its place in the order."""
+
+    def tiny(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(F.gelu(x @ w), (w.shape[1],)).softmax(-1).sum()
+
+    x = torch.randn(8, 16, device=clock.device)
+    w = torch.randn(16, 16, device=clock.device, requires_grad=True)
+    _, ms = clock.wall_ms(lambda: torch.compile(tiny)(x, w).backward())
+    return ms / 1e3
+
+
 @contextlib.contextmanager
 def cold_compiles():
     """No FX graph, AOTAutograd or profile-guided cache hit from an earlier run: compile time
@@ -326,7 +343,15 @@ def run_steps(config: BenchConfig, device: torch.device, command: str) -> StepRe
     # Every setting stays compiled until the timed rounds end: each compiled copy of the model
     # is one more cache entry of the same code for Dynamo.
     limit = max(torch._dynamo.config.recompile_limit, 4 * len(config.settings))
+    start_up_s = None
     with cold_compiles(), torch._dynamo.config.patch(recompile_limit=limit):
+        if any(SETTINGS[name].compiler for name in config.settings):
+            say("compiler start-up (a tiny compile before the first setting)...")
+            try:
+                start_up_s = start_compiler(clock)
+                say(f"compiler start-up {start_up_s:.1f} s")
+            except Exception as error:  # the settings still run, and fail with their own error
+                say(f"compiler start-up failed: {log_failure(error)}")
         for name in config.settings:
             try:
                 running[name] = start_setting(SETTINGS[name], model0, (x, y), config, clock)
@@ -357,6 +382,8 @@ def run_steps(config: BenchConfig, device: torch.device, command: str) -> StepRe
         "after every setting's warm-up and one untimed round of all",
         "compile_s": "compiled settings: wall time of the first step (which compiles) less the "
         "median step; Inductor's caches disabled, gradq's kernels tuned afresh per setting, "
+        "the process's one-off compiler start-up paid before the first setting "
+        "(timing.compiler_start_up_s), "
         "Triton's binaries of identical kernels shared with earlier settings",
         "saved_bytes": "what one step's forward keeps for backward: each storage once, the "
         "parameters excepted (a saved-tensors hook on a step after timing)",
@@ -378,6 +405,7 @@ def run_steps(config: BenchConfig, device: torch.device, command: str) -> StepRe
         timing={
             **timing_info(config, clock),
             "float32_matmul_precision": torch.get_float32_matmul_precision(),
+            "compiler_start_up_s": start_up_s,
         },
         gradq_options={k: list(v) if isinstance(v, tuple) else v for k, v in config.options},
         results=results,

@@ -150,6 +150,14 @@ def test_saved_bytes_counts_what_backward_keeps_once_and_without_parameters():
     assert saved_bytes(shared_step, exclude=layer.parameters()) == x.nbytes
 
 
+def test_no_compiler_start_up_without_a_compiled_setting(tmp_path, capsys):
+    argv = ["bench", *TINY_MODEL, "--batch-size", "2", "--iters", "1", "--warmup", "1"]
+    assert main([*argv, "--settings", "fp32-eager", "--out", str(tmp_path)]) == 0
+    report = StepReport.from_dict(json.loads((tmp_path / "bench.json").read_text()))
+    assert report.timing["compiler_start_up_s"] is None
+    assert "start-up" not in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_step_smoke_on_cpu(tmp_path, capsys):
     """An eager, a compiled and a gradq setting of a one-block test_vit (two Inductor compiles;
@@ -189,6 +197,11 @@ def test_step_smoke_on_cpu(tmp_path, capsys):
             assert not gradq_stages & set(phases)
     assert "peak_memory" in report.notes
     assert report.model["parameters"] > 0 and report.timing["iters"] == 2
+    # The compiler's one-off start-up in the process came before every setting's first step.
+    assert report.timing["compiler_start_up_s"] > 0
+    start_up = captured.err.index("bench: compiler start-up ")
+    assert start_up < captured.err.index("bench: fp32-eager: first step")
+    assert "the compiler's start-up" in captured.out
     with Image.open(tmp_path / "bench.png") as image:
         assert image.size == chart_size(len(settings))
         image.verify()
